@@ -1,0 +1,272 @@
+"""Model specifications: frozen dataclasses, named presets, and specs read from a Hugging Face config.json.
+
+Two families are described exactly (every parameter and every matmul is accounted for):
+
+- ``gpt2``: multi-head attention with a fused QKV projection, GELU MLP (two matrices), LayerNorm with weight and
+  bias, learned absolute positions, biases on every Linear, LM head tied to the token embedding.
+- ``llama``: grouped-query attention (separate q/k/v projections), SwiGLU MLP (three matrices), RMSNorm (weight
+  only), rotary positions (no parameters), no biases, untied LM head.
+
+Reading a config.json needs no transformers import: the fields are read from the JSON directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from torchledger.formulas._validate import positive_int
+
+Family = Literal["gpt2", "llama"]
+FAMILIES: tuple[str, ...] = ("gpt2", "llama")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shapes of a decoder-only transformer.
+
+    Args:
+        name: a label for reports.
+        family: ``"gpt2"`` or ``"llama"`` (see the module docstring for what each implies).
+        n_layers: transformer blocks.
+        d_model: residual stream width.
+        n_heads: query heads.
+        vocab_size: rows of the token embedding and columns of the LM head.
+        max_seq_len: context length (rows of the learned position table for ``gpt2``).
+        n_kv_heads: key/value heads (grouped-query attention); defaults to ``n_heads``.
+        d_ff: MLP hidden width; defaults to ``4 * d_model`` for ``gpt2`` and is required for ``llama``.
+        head_dim: per-head width; defaults to ``d_model // n_heads`` (then ``n_heads`` must divide ``d_model``).
+        tied_embeddings: whether the LM head reuses the token embedding; defaults by family.
+        bias: whether Linear layers carry a bias; defaults by family.
+    """
+
+    name: str
+    family: Family
+    n_layers: int
+    d_model: int
+    n_heads: int
+    vocab_size: int
+    max_seq_len: int
+    n_kv_heads: int = 0
+    d_ff: int = 0
+    head_dim: int = 0
+    tied_embeddings: bool | None = None
+    bias: bool | None = None
+    source: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family={self.family!r} is not one of {', '.join(FAMILIES)}")
+        for name in ("n_layers", "d_model", "n_heads", "vocab_size", "max_seq_len"):
+            positive_int(name, getattr(self, name))
+        # Fill the family defaults (object.__setattr__ because the dataclass is frozen).
+        if self.n_kv_heads == 0:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        positive_int("n_kv_heads", self.n_kv_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} (grouped-query attention groups)"
+            )
+        if self.head_dim == 0:
+            if self.d_model % self.n_heads:
+                raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        positive_int("head_dim", self.head_dim)
+        if self.d_ff == 0:
+            if self.family == "llama":
+                raise ValueError("d_ff=0: a llama-family spec needs its SwiGLU hidden width d_ff")
+            object.__setattr__(self, "d_ff", 4 * self.d_model)
+        positive_int("d_ff", self.d_ff)
+        if self.tied_embeddings is None:
+            object.__setattr__(self, "tied_embeddings", self.family == "gpt2")
+        if self.bias is None:
+            object.__setattr__(self, "bias", self.family == "gpt2")
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the query projection output: n_heads * head_dim."""
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of each of the key and value projection outputs: n_kv_heads * head_dim."""
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def mlp_matrices(self) -> int:
+        """Weight matrices of d_model x d_ff in the MLP: 2 for GELU, 3 for SwiGLU (gate, up, down)."""
+        return 2 if self.family == "gpt2" else 3
+
+    @property
+    def norm_params(self) -> int:
+        """Parameters of one norm: LayerNorm has weight and bias, RMSNorm only a weight."""
+        return 2 * self.d_model if self.family == "gpt2" else self.d_model
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts of a spec, by part. ``total`` counts a tied embedding once."""
+
+    token_embedding: int
+    position_embedding: int
+    per_layer: int
+    per_layer_matmul: int
+    final_norm: int
+    lm_head: int
+    n_layers: int
+
+    @property
+    def layers(self) -> int:
+        return self.per_layer * self.n_layers
+
+    @property
+    def total(self) -> int:
+        return self.token_embedding + self.position_embedding + self.layers + self.final_norm + self.lm_head
+
+    @property
+    def non_embedding(self) -> int:
+        """Kaplan et al.'s N: parameters outside the embeddings and the LM head."""
+        return self.layers + self.final_norm
+
+    @property
+    def matmul(self) -> int:
+        """Weights that enter a matmul once per token: every Linear weight of the blocks plus the LM head matrix.
+
+        This is the N of PaLM's 6N + 12LHQT (App. B) as nanoGPT's sizing notebook applies it: embedding tables are
+        lookups, not matmuls, except that a tied token embedding is also the LM head and is counted there.
+        """
+        return self.per_layer_matmul * self.n_layers + self.token_embedding * int(self.lm_head == 0) + self.lm_head
+
+
+def param_counts(spec: ModelSpec) -> ParamCounts:
+    """Count the parameters of ``spec`` exactly, part by part."""
+    d, f = spec.d_model, spec.d_ff
+    attn_weights = d * (spec.q_dim + 2 * spec.kv_dim) + spec.q_dim * d
+    mlp_weights = spec.mlp_matrices * d * f
+    biases = 0
+    if spec.bias:
+        # qkv, attention output, MLP up (and gate) and down projections
+        biases = spec.q_dim + 2 * spec.kv_dim + d + (spec.mlp_matrices - 1) * f + d
+    per_layer = attn_weights + mlp_weights + biases + 2 * spec.norm_params
+    return ParamCounts(
+        token_embedding=spec.vocab_size * d,
+        position_embedding=spec.max_seq_len * d if spec.family == "gpt2" else 0,
+        per_layer=per_layer,
+        per_layer_matmul=attn_weights + mlp_weights,
+        final_norm=spec.norm_params,
+        lm_head=0 if spec.tied_embeddings else spec.vocab_size * d,
+        n_layers=spec.n_layers,
+    )
+
+
+def n_params(spec: ModelSpec) -> int:
+    """Total trainable parameters of ``spec`` (a tied embedding counted once)."""
+    return param_counts(spec).total
+
+
+def _gpt2(name: str, n_layers: int, d_model: int, n_heads: int, source: str) -> ModelSpec:
+    return ModelSpec(name, "gpt2", n_layers, d_model, n_heads, vocab_size=50257, max_seq_len=1024, source=source)
+
+
+_GPT2_SOURCE = "Radford et al. 2019, GPT-2, Table 2; Hugging Face gpt2* config.json"
+_LLAMA2_SOURCE = "Touvron et al. 2023, Llama 2 (arXiv 2307.09288); meta-llama/Llama-2-*-hf config.json"
+
+PRESETS: dict[str, ModelSpec] = {
+    # Small enough for exact CPU checks in seconds.
+    "gpt-tiny": ModelSpec("gpt-tiny", "gpt2", 2, 128, 4, vocab_size=1000, max_seq_len=256, source="torchledger"),
+    "llama-tiny": ModelSpec(
+        "llama-tiny", "llama", 2, 128, 4, vocab_size=1000, max_seq_len=256, n_kv_heads=2, d_ff=344, source="torchledger"
+    ),
+    "gpt2-small": _gpt2("gpt2-small", 12, 768, 12, _GPT2_SOURCE),
+    "gpt2-medium": _gpt2("gpt2-medium", 24, 1024, 16, _GPT2_SOURCE),
+    "gpt2-large": _gpt2("gpt2-large", 36, 1280, 20, _GPT2_SOURCE),
+    "gpt2-xl": _gpt2("gpt2-xl", 48, 1600, 25, _GPT2_SOURCE),
+    "llama-7b": ModelSpec(
+        "llama-7b", "llama", 32, 4096, 32, vocab_size=32000, max_seq_len=4096, d_ff=11008, source=_LLAMA2_SOURCE
+    ),
+    "llama-13b": ModelSpec(
+        "llama-13b", "llama", 40, 5120, 40, vocab_size=32000, max_seq_len=4096, d_ff=13824, source=_LLAMA2_SOURCE
+    ),
+    "gpt3-175b": ModelSpec(
+        "gpt3-175b", "gpt2", 96, 12288, 96, vocab_size=50257, max_seq_len=2048,
+        source="Brown et al. 2020, GPT-3 (arXiv 2005.14165), Table 2.1",
+    ),
+}
+
+
+def get_preset(name: str) -> ModelSpec:
+    """Return the preset called ``name``; ValueError listing the presets when there is none."""
+    try:
+        return PRESETS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"model={name!r} is not a preset; choose one of {', '.join(PRESETS)}") from None
+
+
+_HF_FIELDS: dict[str, dict[str, str]] = {
+    "gpt2": {
+        "n_layers": "n_layer",
+        "d_model": "n_embd",
+        "n_heads": "n_head",
+        "vocab_size": "vocab_size",
+        "max_seq_len": "n_positions",
+    },
+    "llama": {
+        "n_layers": "num_hidden_layers",
+        "d_model": "hidden_size",
+        "n_heads": "num_attention_heads",
+        "vocab_size": "vocab_size",
+        "max_seq_len": "max_position_embeddings",
+        "d_ff": "intermediate_size",
+    },
+}
+_HF_MODEL_TYPES: dict[str, Family] = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama"}
+
+
+def spec_from_hf_config(config: str | os.PathLike[str] | dict[str, Any], name: str | None = None) -> ModelSpec:
+    """Build a spec from a Hugging Face ``config.json`` (a path or the parsed dict) of a GPT-2, LLaMA or Mistral model.
+
+    NB: Mistral's sliding-window attention is read as full attention, which is exact while the sequence length does
+    not exceed ``sliding_window``.
+    """
+    where = "config"
+    if isinstance(config, dict):
+        data = config
+    else:
+        where = os.fspath(config)
+        try:
+            with open(where, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except FileNotFoundError:
+            raise ValueError(f"hf_config={where!r}: no such file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"hf_config={where!r} is not readable JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"hf_config={where!r} does not hold a JSON object")
+    model_type = data.get("model_type")
+    if model_type not in _HF_MODEL_TYPES:
+        raise ValueError(
+            f"model_type={model_type!r} in {where} is not supported; supported: {', '.join(_HF_MODEL_TYPES)}"
+        )
+    family = _HF_MODEL_TYPES[model_type]
+    kwargs: dict[str, Any] = {}
+    for ours, theirs in _HF_FIELDS[family].items():
+        if theirs not in data:
+            raise ValueError(f"{where} is missing the field {theirs!r} that a {model_type} config needs")
+        kwargs[ours] = data[theirs]
+    if family == "gpt2":
+        kwargs["d_ff"] = data.get("n_inner") or 0
+        kwargs["tied_embeddings"] = bool(data.get("tie_word_embeddings", True))
+    else:
+        kwargs["n_kv_heads"] = data.get("num_key_value_heads") or 0
+        kwargs["head_dim"] = data.get("head_dim") or 0
+        kwargs["tied_embeddings"] = bool(data.get("tie_word_embeddings", False))
+        kwargs["bias"] = bool(data.get("attention_bias", False))
+        if kwargs["bias"] or data.get("mlp_bias", False):
+            raise ValueError(f"attention_bias/mlp_bias=True in {where} is not supported for {model_type} specs")
+    label = name or data.get("_name_or_path") or f"{model_type} ({where})"
+    try:
+        return ModelSpec(name=str(label), family=family, source=where, **kwargs)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
