@@ -1,0 +1,190 @@
+"""Memory formulas against first-principles byte counts and published figures."""
+
+from __future__ import annotations
+
+import pytest
+
+from torchledger.formulas import memory as M
+from torchledger.formulas.specs import get_preset, n_params, spec_from_hf_config
+
+GPT2 = get_preset("gpt2-small")
+LLAMA7 = get_preset("llama-7b")
+GPT_TINY = get_preset("gpt-tiny")
+LLAMA_TINY = get_preset("llama-tiny")
+
+
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [("float32", 4), ("torch.bfloat16", 2), ("fp16", 2), ("half", 2), ("fp8", 1), ("int8", 1), ("float64", 8),
+     ("tf32", 4), ("int64", 8)],
+)
+def test_dtype_bytes(name: str, size: int) -> None:
+    assert M.dtype_bytes(name) == size
+
+
+def test_unknown_dtype() -> None:
+    with pytest.raises(ValueError, match="dtype='float12' is not known"):
+        M.dtype_bytes("float12")
+
+
+@pytest.mark.parametrize(
+    ("recipe", "optimizer", "per_param", "parts"),
+    [
+        # (params, grads, master, optimizer) bytes per parameter
+        ("32-true", "adamw", 16, (4, 4, 0, 8)),
+        ("32-true", "momentum", 12, (4, 4, 0, 4)),
+        ("32-true", "sgd", 8, (4, 4, 0, 0)),
+        ("16-mixed", "adamw", 16, (4, 4, 0, 8)),  # AMP: the fp32 weights are the master copy
+        ("bf16-mixed", "adam", 16, (4, 4, 0, 8)),
+        ("16-mixed-master", "adamw", 16, (2, 2, 4, 8)),  # ZeRO Sec. 3.1: 2 + 2 + K with K = 12
+        ("bf16-mixed-master", "momentum", 12, (2, 2, 4, 4)),
+        ("bf16-true", "adamw", 8, (2, 2, 0, 4)),
+        ("16-true", "sgd", 4, (2, 2, 0, 0)),
+    ],
+)
+def test_model_states_per_parameter(recipe: str, optimizer: str, per_param: int, parts: tuple[int, ...]) -> None:
+    n = 1_000_003
+    states = M.model_state_bytes(n, recipe, optimizer)
+    assert (states.params, states.grads, states.master_params, states.optimizer) == tuple(p * n for p in parts)
+    assert states.total == per_param * n
+
+
+def test_zero_mixed_precision_adam_is_16_bytes_per_parameter() -> None:
+    # Rajbhandari et al. 2020 (ZeRO), Sec. 3.1: a 7.5B model needs 16 x 7.5B = 120 GB of model states.
+    assert M.model_state_bytes(7_500_000_000, "16-mixed-master", "adam").total == 120 * 10**9
+    # The lecture notes' 7B "precise" breakdown (fp32 master, fp16 weights and grads, fp32 Adam) is the same: 112 GB.
+    assert M.model_state_bytes(7_000_000_000, "16-mixed-master", "adamw").total == 112 * 10**9
+
+
+def test_kv_cache_llama_7b() -> None:
+    # 2 (K, V) x 32 layers x 32 KV heads x 128 x 2 bytes = 524,288 bytes = 512 KiB per token
+    assert M.kv_cache_bytes(LLAMA7, 1, 1, "bfloat16") == 2 * 32 * 32 * 128 * 2 == 512 * 2**10
+    assert M.kv_cache_bytes(LLAMA7, 1, 2048, "bfloat16") == 2**30  # 1 GiB (the lecture notes said 17 GB)
+    assert M.kv_cache_bytes(LLAMA7, 1, 4096, "bfloat16") == 2 * 2**30
+
+
+def test_kv_cache_gqa() -> None:
+    mistral = spec_from_hf_config({"model_type": "mistral", "num_hidden_layers": 32, "hidden_size": 4096,
+                                   "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
+                                   "vocab_size": 32000, "max_position_embeddings": 32768})
+    # 8 KV heads instead of 32: a quarter of LLaMA-7B's cache, 128 KiB per token in bf16
+    assert M.kv_cache_bytes(mistral, 4, 4096, "bf16") == 4 * 4096 * 2 * 32 * 8 * 128 * 2
+    assert M.kv_cache_bytes(mistral, 1, 1, "bf16") * 4 == M.kv_cache_bytes(LLAMA7, 1, 1, "bf16")
+
+
+def test_gpt2_layer_activations_16bit_against_korthikanti() -> None:
+    s, b, h, a = 1024, 4, 768, 12
+    items = M.layer_activation_items(GPT2, b, s, "bf16-true")
+    sbh = s * b * h
+    # 2 bytes x (ln_1 input 1 + qkv input 1 + qkv 3 + sdpa out 1 + ln_2 input 1 + fc input 1 + gelu in 4 + out 4)
+    big = 2 * 16 * sbh
+    small = 2 * 2 * (s * b * 4) + b * a * s * 4  # two LayerNorms' fp32 mean and rstd, SDPA's fp32 log-sum-exp
+    assert sum(items.values()) == big + small
+    # Korthikanti et al. 2022 eq. 1: 34 sbh + 5 a s^2 b; the reference layers have no dropout masks (2 sbh) and
+    # fused attention keeps no s x s matrix.
+    assert M.korthikanti_layer_activation_bytes(s, b, h, a) == 34 * sbh + 5 * a * s * s * b
+    assert M.korthikanti_layer_activation_bytes(s, b, h, a, flash=True) - big == 2 * sbh
+
+
+def test_gpt2_layer_activations_mixed_keeps_the_residual_stream_in_fp32() -> None:
+    s, b, h = 256, 2, 768
+    items = M.layer_activation_items(GPT2, b, s, "bf16-mixed")
+    # the two LayerNorm inputs (fp32 residual stream) at 4 bytes, the other 14 sbh at 2 bytes
+    assert items["ln_1.input"] == items["ln_2.input"] == 4 * s * b * h
+    assert sum(items.values()) == (2 * 4 + 14 * 2) * s * b * h + 16 * s * b + b * 12 * s * 4
+
+
+def test_llama_layer_activations() -> None:
+    b, s = 2, 64
+    t, d, f, q, kv = b * s, 128, 344, 128, 64
+    items = M.layer_activation_items(LLAMA_TINY, b, s, "32-true")
+    expected = (
+        2 * (t * d * 4 + t * 4 + t * d * 4)  # two RMSNorms: fp32 input, rstd, fp32 normalized
+        + t * d * 4  # q/k/v projections' shared input
+        + t * (q + kv + kv) * 4  # rotated q and k, v (2 KV heads)
+        + t * q * 4 + b * 4 * s * 4  # SDPA output and log-sum-exp
+        + t * d * 4  # MLP input
+        + 4 * t * f * 4  # gate, silu(gate), up, product
+    )
+    assert sum(items.values()) == expected
+
+
+def test_full_checkpointing_keeps_only_block_inputs() -> None:
+    b, s = 4, 1024
+    none = M.activation_bytes(GPT2, b, s, "bf16-true")
+    full = M.activation_bytes(GPT2, b, s, "bf16-true", "full")
+    assert none.layers == 12 * none.per_layer
+    assert full.layers == 12 * s * b * 768 * 2  # Korthikanti's 2sbh per layer
+    assert full.recompute_layer == none.per_layer
+    assert full.saved < none.saved
+
+
+def test_activations_of_the_head() -> None:
+    b, s = 2, 128
+    acts = M.activation_bytes(GPT_TINY, b, s, "32-true")
+    t = b * s
+    # ln_f input + stats, head input, fp32 log-probs; position ids; logits held by the caller
+    assert acts.head == t * 128 * 4 + 2 * t * 4 + t * 128 * 4 + t * 1000 * 4
+    assert acts.embedding == s * 8
+    assert acts.logits == t * 1000 * 4
+    assert acts.autocast_copies == 0
+    mixed = M.activation_bytes(GPT_TINY, b, s, "16-mixed")
+    # autocast caches a 16-bit copy of every matmul weight: per block 4 d^2 + 2 d * 4d, plus the tied head V d
+    assert mixed.autocast_copies == 2 * (2 * (4 * 128**2 + 8 * 128**2) + 1000 * 128)
+
+
+def test_peak_llama_7b_bf16_true_is_in_the_optimizer_step() -> None:
+    n = n_params(LLAMA7)
+    peak = M.train_peak_bytes(LLAMA7, 1, 2048, recipe="bf16-true", optimizer="adamw")
+    # params 2 + grads 2 + exp_avg and exp_avg_sq 2 x 2 + foreach sqrt temporary 2 = 10 bytes per parameter
+    assert peak.phases["optimizer"] == 10 * n
+    assert peak.phase == "optimizer"
+    assert peak.peak == 10 * n
+
+
+def test_peak_small_model_large_batch_is_in_the_backward() -> None:
+    peak = M.train_peak_bytes(GPT_TINY, 64, 256, recipe="32-true", optimizer="adamw")
+    acts = M.activation_bytes(GPT_TINY, 64, 256, "32-true")
+    states = M.model_state_bytes(n_params(GPT_TINY), "32-true", "adamw")
+    persistent = states.params + states.optimizer
+    assert peak.phases["forward"] == persistent + acts.forward_end
+    # backward begins with the gradients of the log-probabilities and of the logits, B T V fp32 each
+    assert peak.phases["backward"] == persistent + acts.saved + acts.logits + 2 * 64 * 256 * 1000 * 4
+    assert peak.phase == "backward"
+
+
+def test_grad_accumulation_adds_gradients_not_activations() -> None:
+    one = M.train_peak_bytes(GPT_TINY, 8, 256, grad_accum=1)
+    four = M.train_peak_bytes(GPT_TINY, 8, 256, grad_accum=4)
+    grads = 4 * n_params(GPT_TINY)
+    assert four.activations == one.activations
+    assert four.phases["forward"] - one.phases["forward"] == grads
+    assert four.phases["optimizer"] == one.phases["optimizer"]
+
+
+@pytest.mark.parametrize(
+    ("impl", "expected"), [("foreach", 4 * 1000), ("for-loop", 2 * 300 * 4), ("fused", 0)]
+)
+def test_adam_step_temporaries(impl: str, expected: int) -> None:
+    assert M.optimizer_step_temp_bytes(1000, 300, "adamw", "32-true", impl) == expected
+
+
+def test_master_recipes_copy_gradients_to_fp32_for_the_step() -> None:
+    assert M.optimizer_step_temp_bytes(1000, 300, "sgd", "bf16-mixed-master") == 4 * 1000
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: M.model_state_bytes(10, "fp8-mixed"), "precision='fp8-mixed'"),
+        (lambda: M.model_state_bytes(10, "32-true", "lion"), "optimizer='lion'"),
+        (lambda: M.model_state_bytes(0), "n_params=0"),
+        (lambda: M.activation_bytes(GPT2, 1, 0), "seq_len=0"),
+        (lambda: M.activation_bytes(GPT2, 1, 8, checkpointing="selective"), "checkpointing='selective'"),
+        (lambda: M.train_peak_bytes(GPT2, 1, 8, grad_accum=0), "grad_accum=0"),
+        (lambda: M.optimizer_step_temp_bytes(10, 5, impl="turbo"), "impl='turbo'"),
+    ],
+)
+def test_bad_arguments(call: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        call()  # type: ignore[operator]

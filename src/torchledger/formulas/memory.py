@@ -1,0 +1,414 @@
+"""Memory formulas, in bytes: dtypes, model states under precision recipes, activations, KV cache, the step's peak.
+
+Every figure is an exact integer of bytes. Human units only at the edges (GiB = 2**30, GB = 10**9).
+
+Precision recipes use Lightning's names (``32-true``, ``16-mixed``, ``bf16-mixed``, ``16-true``, ``bf16-true``),
+which describe what PyTorch does: under ``*-mixed`` the parameters stay fp32 and autocast makes 16-bit copies for
+each matmul, so the fp32 parameters are themselves the master weights and no separate master copy exists. The two
+``*-mixed-master`` recipes describe the other common scheme (ZeRO/DeepSpeed and Megatron fp16/bf16 optimizers):
+16-bit parameters and gradients with fp32 master weights and fp32 optimizer state, which ZeRO (Rajbhandari et al.
+2020, Sec. 3.1) counts as 2 + 2 + 12 = 16 bytes per parameter with Adam.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torchledger.formulas._validate import one_of, positive_int
+from torchledger.formulas.specs import ModelSpec, param_counts
+
+DTYPE_BYTES: dict[str, int] = {
+    "float64": 8,
+    "float32": 4,
+    "tfloat32": 4,  # a compute mode: stored as float32
+    "bfloat16": 2,
+    "float16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+}
+_DTYPE_ALIASES: dict[str, str] = {
+    "fp64": "float64", "double": "float64", "fp32": "float32", "float": "float32", "tf32": "tfloat32",
+    "bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp8": "float8_e4m3fn", "long": "int64", "int": "int32",
+}
+
+
+def canonical_dtype(dtype: str) -> str:
+    """Canonical name of ``dtype`` (accepts ``torch.float16``, ``fp16``, ``half``...); ValueError if unknown."""
+    if not isinstance(dtype, str):
+        raise ValueError(f"dtype={dtype!r} must be a dtype name such as 'bfloat16'")
+    name = dtype.removeprefix("torch.").lower()
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in DTYPE_BYTES:
+        raise ValueError(f"dtype={dtype!r} is not known; known: {', '.join(sorted(DTYPE_BYTES))}")
+    return name
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of ``dtype``."""
+    return DTYPE_BYTES[canonical_dtype(dtype)]
+
+
+# --------------------------------------------------------------------------------------------------- recipes
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Where each kind of model state lives, by dtype, under one precision recipe."""
+
+    name: str
+    param_dtype: str
+    grad_dtype: str
+    compute_dtype: str
+    master_dtype: str | None
+    optimizer_dtype: str
+    autocast: bool
+    source: str
+
+
+_LIGHTNING = "Lightning Fabric/Trainer precision plugins; torch.autocast"
+_ZERO = "Rajbhandari et al. 2020, ZeRO (arXiv 1910.02054), Sec. 3.1; DeepSpeed and Megatron fp16/bf16 optimizers"
+
+RECIPES: dict[str, Recipe] = {
+    "32-true": Recipe("32-true", "float32", "float32", "float32", None, "float32", False, _LIGHTNING),
+    "16-mixed": Recipe("16-mixed", "float32", "float32", "float16", None, "float32", True, _LIGHTNING),
+    "bf16-mixed": Recipe("bf16-mixed", "float32", "float32", "bfloat16", None, "float32", True, _LIGHTNING),
+    "16-true": Recipe("16-true", "float16", "float16", "float16", None, "float16", False, _LIGHTNING),
+    "bf16-true": Recipe("bf16-true", "bfloat16", "bfloat16", "bfloat16", None, "bfloat16", False, _LIGHTNING),
+    "16-mixed-master": Recipe("16-mixed-master", "float16", "float16", "float16", "float32", "float32", False, _ZERO),
+    "bf16-mixed-master": Recipe(
+        "bf16-mixed-master", "bfloat16", "bfloat16", "bfloat16", "float32", "float32", False, _ZERO
+    ),
+}
+
+#: State tensors each optimizer keeps per parameter: momentum buffer; Adam's exp_avg and exp_avg_sq.
+OPTIMIZER_STATES: dict[str, int] = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
+OPTIMIZER_IMPLS: tuple[str, ...] = ("foreach", "for-loop", "fused")
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe called ``name``; ValueError listing the recipes when there is none."""
+    return RECIPES[one_of("precision", name, RECIPES)]
+
+
+@dataclass(frozen=True)
+class ModelStates:
+    """Bytes of the model states: parameters, gradients, master weights, optimizer state."""
+
+    params: int
+    grads: int
+    master_params: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.master_params + self.optimizer
+
+
+def param_bytes(n_params: int, recipe: str = "32-true") -> int:
+    """Bytes of the parameters as the recipe stores them (fp32 under ``*-mixed``)."""
+    return positive_int("n_params", n_params) * dtype_bytes(get_recipe(recipe).param_dtype)
+
+
+def grad_bytes(n_params: int, recipe: str = "32-true") -> int:
+    """Bytes of the gradients (one per parameter, in the recipe's gradient dtype)."""
+    return positive_int("n_params", n_params) * dtype_bytes(get_recipe(recipe).grad_dtype)
+
+
+def master_param_bytes(n_params: int, recipe: str = "32-true") -> int:
+    """Bytes of a separate fp32 master copy: only ``*-mixed-master`` recipes keep one."""
+    r = get_recipe(recipe)
+    return positive_int("n_params", n_params) * (dtype_bytes(r.master_dtype) if r.master_dtype else 0)
+
+
+def optimizer_state_bytes(n_params: int, optimizer: str = "adamw", recipe: str = "32-true") -> int:
+    """Bytes of optimizer state: 0 for SGD, one buffer for momentum, two (exp_avg, exp_avg_sq) for Adam/AdamW.
+
+    State lives in the dtype of the tensor the optimizer updates (``torch.zeros_like``): the fp32 parameters or
+    master copy, or the 16-bit parameters under ``*-true``. NB: Adam's per-tensor ``step`` counters (one scalar per
+    parameter tensor) are left out.
+    """
+    states = OPTIMIZER_STATES[one_of("optimizer", optimizer, OPTIMIZER_STATES)]
+    return positive_int("n_params", n_params) * states * dtype_bytes(get_recipe(recipe).optimizer_dtype)
+
+
+def model_state_bytes(n_params: int, recipe: str = "32-true", optimizer: str = "adamw") -> ModelStates:
+    """Parameters, gradients, master weights and optimizer state of ``n_params`` parameters.
+
+    Per parameter with AdamW: 16 bytes under ``32-true`` (4 + 4 + 8), ``*-mixed`` (4 + 4 + 8: the fp32 weights are
+    the master) and ``*-mixed-master`` (2 + 2 + 4 + 8, ZeRO's accounting); 8 under ``*-true`` 16-bit (2 + 2 + 4).
+    """
+    return ModelStates(
+        params=param_bytes(n_params, recipe),
+        grads=grad_bytes(n_params, recipe),
+        master_params=master_param_bytes(n_params, recipe),
+        optimizer=optimizer_state_bytes(n_params, optimizer, recipe),
+    )
+
+
+def optimizer_step_temp_bytes(
+    n_params: int, largest_param: int, optimizer: str = "adamw", recipe: str = "32-true", impl: str = "foreach"
+) -> int:
+    """Bytes of the temporaries alive at the peak of the optimizer step.
+
+    - Adam/AdamW ``foreach`` (the CUDA default): ``_foreach_sqrt(exp_avg_sq)`` allocates one state-sized buffer for
+      every parameter at once; ``for-loop`` (the CPU default) allocates ``sqrt`` and the bias-corrected quotient for
+      one tensor at a time (2x the largest tensor); ``fused`` allocates nothing.
+    - SGD and momentum update in place: nothing.
+    - ``*-mixed-master`` recipes first copy the 16-bit gradients into fp32 (4 bytes per parameter).
+    NB: gradient clipping adds one scalar per tensor, left out.
+    """
+    one_of("impl", impl, OPTIMIZER_IMPLS)
+    positive_int("n_params", n_params)
+    positive_int("largest_param", largest_param)
+    r = get_recipe(recipe)
+    state = dtype_bytes(r.optimizer_dtype)
+    temp = 0
+    if OPTIMIZER_STATES[one_of("optimizer", optimizer, OPTIMIZER_STATES)] == 2:
+        temp = {"foreach": n_params * state, "for-loop": 2 * largest_param * state, "fused": 0}[impl]
+    if r.master_dtype:
+        temp += n_params * dtype_bytes(r.master_dtype)
+    return temp
+
+
+# --------------------------------------------------------------------------------------------------- activations
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Bytes held by one micro-batch of training at the end of its forward pass.
+
+    - ``per_layer``: what one block saves for backward without checkpointing (itemized in ``layer_items``);
+    - ``layers``: all blocks (under full checkpointing only each block's input);
+    - ``embedding``: GPT-2's position ids, made in the forward (the input batch belongs to the caller);
+    - ``head``: the final norm's and the LM head's saved tensors and the log-probabilities cross-entropy saves;
+    - ``logits``: the logits the model returns (held by the caller, not saved by autograd);
+    - ``autocast_copies``: 16-bit copies of the matmul weights that autocast caches during the forward (``*-mixed``
+      only); without checkpointing they are saved for backward, with full checkpointing they are freed when the
+      autocast region ends;
+    - ``recompute_layer``: one block's saved tensors, alive while it is recomputed (full checkpointing only).
+    """
+
+    per_layer: int
+    layers: int
+    embedding: int
+    head: int
+    logits: int
+    autocast_copies: int
+    recompute_layer: int
+    layer_items: tuple[tuple[str, int], ...]
+    checkpointing: str
+
+    @property
+    def saved(self) -> int:
+        """Bytes saved for backward once the forward has finished and autocast has exited."""
+        copies = self.autocast_copies if self.checkpointing == "none" else 0
+        return self.layers + self.embedding + self.head + copies
+
+    @property
+    def forward_end(self) -> int:
+        """Bytes alive at the end of the forward, inside autocast: saved tensors, logits, autocast's weight cache."""
+        return self.layers + self.embedding + self.head + self.logits + self.autocast_copies
+
+
+def layer_activation_items(spec: ModelSpec, batch: int, seq_len: int, recipe: str = "32-true") -> dict[str, int]:
+    """Bytes that one block of the reference implementation saves for backward, tensor by tensor.
+
+    The reference blocks (pre-norm, no dropout, ``F.scaled_dot_product_attention`` with a fused kernel) save:
+    the norm inputs (residual stream) and their fp32 statistics; the projection inputs (norm outputs, or under
+    autocast their 16-bit copies); the fused qkv output (q, k, v are views of it that SDPA saves) or, for LLaMA,
+    the rotated q and k and the v projection (SDPA with ``enable_gqa=True``, so k and v keep n_kv_heads); SDPA's
+    output and fp32 log-sum-exp; the MLP's hidden tensors (GELU: its input and output; SwiGLU: gate, silu(gate), up
+    and their product).
+
+    Korthikanti et al. 2022 (arXiv 2205.05198, Sec. 4.1) count 34 s b h + 5 a s^2 b bytes per 16-bit GPT layer.
+    This count differs by what the reference layers do differently: no dropout masks (-2 sbh in the 34, and the
+    5as^2b attention-matrix term is gone because fused attention keeps no s x s matrix), plus the small fp32 norm
+    statistics and log-sum-exp that the formula leaves out. ``F.rms_norm`` computes in fp32 and saves its fp32
+    input copy and normalized tensor whatever the recipe.
+    NB: on CPU a 16-bit LayerNorm keeps its mean and rstd in the 16-bit dtype, half the fp32 bytes counted here
+    (as CUDA keeps them): 4 B T bytes per layer, far below any tolerance.
+    """
+    positive_int("batch", batch)
+    positive_int("seq_len", seq_len)
+    r = get_recipe(recipe)
+    tokens = batch * seq_len
+    c = dtype_bytes(r.compute_dtype)
+    # Under autocast the residual stream is fp32 (fp32 embeddings + 16-bit branch outputs promote to fp32).
+    res = dtype_bytes(r.param_dtype)
+    d, f, q, kv = spec.d_model, spec.d_ff, spec.q_dim, spec.kv_dim
+    stats = tokens * 4  # one fp32 value per token (mean or rstd)
+    items: dict[str, int] = {}
+    if spec.family == "gpt2":
+        items["ln_1.input"] = tokens * d * res
+        items["ln_1.stats"] = 2 * stats  # mean and rstd
+        items["attn.qkv.input"] = tokens * d * c
+        items["attn.qkv.output"] = tokens * (q + 2 * kv) * c
+        items["attn.sdpa.output"] = tokens * q * c
+        items["attn.sdpa.logsumexp"] = batch * spec.n_heads * seq_len * 4
+        items["ln_2.input"] = tokens * d * res
+        items["ln_2.stats"] = 2 * stats
+        items["mlp.fc.input"] = tokens * d * c
+        items["mlp.gelu.input"] = tokens * f * c
+        items["mlp.proj.input"] = tokens * f * c
+    else:
+        # F.rms_norm upcasts its input to fp32 and saves that, the fp32 rstd, and the fp32 normalized tensor.
+        items["norm_1.input"] = tokens * d * 4
+        items["norm_1.rstd"] = stats
+        items["norm_1.normalized"] = tokens * d * 4
+        items["attn.proj.input"] = tokens * d * c
+        items["attn.q_rotated"] = tokens * q * c
+        items["attn.k_rotated"] = tokens * kv * c
+        items["attn.v"] = tokens * kv * c
+        items["attn.sdpa.output"] = tokens * q * c
+        items["attn.sdpa.logsumexp"] = batch * spec.n_heads * seq_len * 4
+        items["norm_2.input"] = tokens * d * 4
+        items["norm_2.rstd"] = stats
+        items["norm_2.normalized"] = tokens * d * 4
+        items["mlp.input"] = tokens * d * c
+        items["mlp.gate"] = tokens * f * c
+        items["mlp.silu"] = tokens * f * c
+        items["mlp.up"] = tokens * f * c
+        items["mlp.down.input"] = tokens * f * c
+    return items
+
+
+def _logprob_bytes(r: Recipe) -> int:
+    """Bytes per log-probability: cross-entropy runs in fp32 under autocast, else in the parameters' dtype."""
+    return 4 if r.autocast else dtype_bytes(r.param_dtype)
+
+
+def activation_bytes(
+    spec: ModelSpec, batch: int, seq_len: int, recipe: str = "32-true", checkpointing: str = "none"
+) -> Activations:
+    """Activation memory of one training micro-batch (see :class:`Activations` for the parts).
+
+    Full checkpointing keeps only each block's input (the residual stream, B T d in the residual dtype; Korthikanti's
+    "2sbh" for 16-bit) and recomputes one block at a time in the backward.
+    """
+    one_of("checkpointing", checkpointing, ("none", "full"))
+    r = get_recipe(recipe)
+    items = layer_activation_items(spec, batch, seq_len, recipe)
+    per_layer = sum(items.values())
+    tokens = batch * seq_len
+    c = dtype_bytes(r.compute_dtype)
+    res = dtype_bytes(r.param_dtype)
+    logprob = _logprob_bytes(r)
+    # The input batch (token ids, targets) belongs to the caller; GPT-2's position ids are made in the forward.
+    embedding = seq_len * 8 if spec.family == "gpt2" else 0
+    if spec.family == "gpt2":
+        head = tokens * spec.d_model * res + 2 * tokens * 4  # ln_f input, mean and rstd
+    else:
+        head = 2 * tokens * spec.d_model * 4 + tokens * 4  # fp32 norm input and normalized tensor, rstd
+    head += tokens * spec.d_model * c + tokens * spec.vocab_size * logprob  # head input, saved log-probabilities
+    logits = tokens * spec.vocab_size * c
+    copies = param_counts(spec).matmul * c if r.autocast else 0
+    if checkpointing == "full":
+        layers = spec.n_layers * tokens * spec.d_model * res
+        recompute = per_layer
+    else:
+        layers = spec.n_layers * per_layer
+        recompute = 0
+    return Activations(
+        per_layer=per_layer, layers=layers, embedding=embedding, head=head, logits=logits,
+        autocast_copies=copies, recompute_layer=recompute, layer_items=tuple(items.items()),
+        checkpointing=checkpointing,
+    )
+
+
+def korthikanti_layer_activation_bytes(
+    seq_len: int, batch: int, d_model: int, n_heads: int, *, flash: bool = False
+) -> int:
+    """Korthikanti et al. 2022 (arXiv 2205.05198, Sec. 4.1, eq. 1): s b h (34 + 5 a s / h) bytes per 16-bit layer.
+
+    Exact integer form 34 s b h + 5 a s^2 b. ``flash=True`` drops the 5 a s^2 b attention-matrix term, which fused
+    attention never stores. NB: counts dropout masks and a specific implementation (see
+    :func:`layer_activation_items` for the reference layers' exact count).
+    """
+    s, b, h, a = (positive_int(n, x) for n, x in (
+        ("seq_len", seq_len), ("batch", batch), ("d_model", d_model), ("n_heads", n_heads)
+    ))
+    return 34 * s * b * h + (0 if flash else 5 * a * s * s * b)
+
+
+def kv_cache_bytes(spec: ModelSpec, batch: int, seq_len: int, dtype: str = "bfloat16") -> int:
+    """KV cache for inference: 2 (K and V) x layers x n_kv_heads x head_dim x seq_len x batch x bytes.
+
+    Check: LLaMA-2-7B (32 layers, 32 KV heads, head_dim 128) in bf16 holds 2*32*32*128*2 = 524,288 bytes per token:
+    1 GiB at 2,048 tokens, 2 GiB at 4,096. NB: the lecture notes claimed 536 MB per layer and 17 GB in all at 2,048
+    tokens (they multiplied by the layer count twice and dropped K/V's factor 2); the right total is 1 GiB.
+    """
+    positive_int("batch", batch)
+    positive_int("seq_len", seq_len)
+    return 2 * spec.n_layers * spec.kv_dim * seq_len * batch * dtype_bytes(dtype)
+
+
+# --------------------------------------------------------------------------------------------------- peak
+
+
+@dataclass(frozen=True)
+class TrainPeak:
+    """The peak of one optimizer step at steady state (optimizer state exists; grads freed by ``zero_grad``)."""
+
+    states: ModelStates
+    activations: Activations
+    phases: dict[str, int]
+    grad_accum: int
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases.values())
+
+    @property
+    def phase(self) -> str:
+        """The phase where the peak falls: ``forward``, ``backward`` or ``optimizer``."""
+        return max(self.phases, key=lambda k: self.phases[k])
+
+
+def train_peak_bytes(
+    spec: ModelSpec,
+    batch: int,
+    seq_len: int,
+    *,
+    recipe: str = "32-true",
+    optimizer: str = "adamw",
+    checkpointing: str = "none",
+    grad_accum: int = 1,
+    optimizer_impl: str = "foreach",
+) -> TrainPeak:
+    """Peak bytes of one training step, by phase.
+
+    - ``forward``: persistent states (params, master, optimizer) + what the last micro-batch holds at the end of its
+      forward (:attr:`Activations.forward_end`) + the gradients when ``grad_accum > 1`` (accumulated by the earlier
+      micro-batches; with ``grad_accum == 1`` they are still freed).
+    - ``backward``: the forward figure plus the larger of the backward's first transients (the gradients of the
+      log-probabilities and of the logits, B T V each) and, under full checkpointing, one block being recomputed.
+    - ``optimizer``: persistent states + gradients + the optimizer step's temporaries.
+    Gradient accumulation leaves activations at one micro-batch and adds the gradients to the forward phase.
+    NB: steady state; the very first step has no optimizer state until the step itself.
+    """
+    positive_int("grad_accum", grad_accum)
+    counts = param_counts(spec)
+    n = counts.total
+    r = get_recipe(recipe)
+    states = model_state_bytes(n, recipe, optimizer)
+    acts = activation_bytes(spec, batch, seq_len, recipe, checkpointing)
+    persistent = states.params + states.master_params + states.optimizer
+    accumulated = states.grads if grad_accum > 1 else 0
+    forward = persistent + acts.forward_end + accumulated
+    head_grads = 2 * batch * seq_len * spec.vocab_size * _logprob_bytes(r)
+    backward = persistent + acts.saved + acts.logits + accumulated + max(head_grads, acts.recompute_layer)
+    largest = max(counts.token_embedding, counts.lm_head, spec.d_model * max(spec.d_ff, spec.q_dim + 2 * spec.kv_dim))
+    temps = optimizer_step_temp_bytes(n, largest, optimizer, recipe, optimizer_impl)
+    optimizer_phase = persistent + states.grads + temps
+    return TrainPeak(
+        states=states,
+        activations=acts,
+        phases={"forward": forward, "backward": backward, "optimizer": optimizer_phase},
+        grad_accum=grad_accum,
+    )
