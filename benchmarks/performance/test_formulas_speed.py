@@ -1,0 +1,45 @@
+"""How fast the analytic core answers: it is meant to be cheap enough to call a million times (sweeps, search).
+
+Pure Python, so it runs the same on every device; each case records what it computed beside the time.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+
+from torchledger.formulas import estimate, get_preset, model_flops, train_peak_bytes
+
+
+def _record(benchmark: pytest.FixtureRequest, **info: object) -> None:
+    benchmark.extra_info.update({"device": f"cpu ({platform.machine()}, python)", **info})  # type: ignore[attr-defined]
+
+
+@pytest.mark.benchmark(group="formulas")
+@pytest.mark.parametrize("preset", ["gpt2-small", "llama-7b", "gpt3-175b"])
+def test_estimate_step(benchmark, preset: str) -> None:  # type: ignore[no-untyped-def]
+    spec = get_preset(preset)
+    result = benchmark(estimate, spec, 8, 1024, precision="bf16-mixed", optimizer="adamw")
+    d = result.to_dict()
+    _record(benchmark, model=preset, recipe="bf16-mixed", flops=d["flops"]["train_step"],
+            predicted_memory=d["memory"]["peak_train"])
+    assert d["flops"]["train_step"] == d["flops"]["forward"] + d["flops"]["backward"]
+
+
+@pytest.mark.benchmark(group="formulas")
+def test_model_flops_sweep(benchmark) -> None:  # type: ignore[no-untyped-def]
+    # A sizing sweep: every preset at 12 sequence lengths, FLOPs and peak memory each.
+    specs = [get_preset(p) for p in ("gpt2-small", "gpt2-xl", "llama-7b", "llama-13b")]
+    lengths = [2**k for k in range(1, 13)]
+
+    def sweep() -> int:
+        total = 0
+        for spec in specs:
+            for t in lengths:
+                total += model_flops(spec, 1, t).train + train_peak_bytes(spec, 1, t).peak
+        return total
+
+    result = benchmark(sweep)
+    _record(benchmark, calls_per_round=2 * len(specs) * len(lengths))
+    assert result > 0

@@ -1,0 +1,125 @@
+"""``torchledger estimate``: the JSON contract, the table, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from torchledger.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, object]:
+    assert main(["estimate", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)  # type: ignore[no-any-return]
+
+
+def test_json_contract(capsys: pytest.CaptureFixture[str]) -> None:
+    out = run_json(capsys, "--model", "gpt2-small", "--batch-size", "1", "--seq-len", "1024")
+    assert out["params"] == 124_439_808
+    flops = out["flops"]
+    assert isinstance(flops, dict)
+    assert set(flops) >= {"forward", "backward", "recompute", "train_step", "per_token_train"}
+    assert flops["forward"] + flops["backward"] == 874_944_921_600  # nanoGPT's figure
+    assert flops["train_step"] == 874_944_921_600
+    assert flops["per_token_train"] == 874_944_921_600 / 1024
+    memory = out["memory"]
+    assert isinstance(memory, dict)
+    assert set(memory) >= {"params", "grads", "master_params", "optimizer", "activations", "kv_cache", "peak_train"}
+    n = 124_439_808
+    assert (memory["params"], memory["grads"], memory["master_params"], memory["optimizer"]) == (4 * n, 4 * n, 0, 8 * n)
+    # fp32 KV cache: 2 x 12 layers x 768 x 1024 tokens x 4 bytes
+    assert memory["kv_cache"] == 2 * 12 * 768 * 1024 * 4
+    for key in ("params", "grads", "master_params", "optimizer", "activations", "kv_cache", "peak_train"):
+        assert isinstance(memory[key], int)
+    assert memory["peak_train"] >= memory["params"] + memory["optimizer"] + memory["activations"]
+
+
+def test_grad_accum_and_checkpointing(capsys: pytest.CaptureFixture[str]) -> None:
+    base = run_json(capsys, "--model", "gpt2-small", "--seq-len", "1024")
+    acc = run_json(capsys, "--model", "gpt2-small", "--seq-len", "1024", "--grad-accum", "4")
+    assert acc["flops"]["train_step"] == 4 * base["flops"]["train_step"]  # type: ignore[index]
+    assert acc["flops"]["per_token_train"] == base["flops"]["per_token_train"]  # type: ignore[index]
+    ckpt = run_json(capsys, "--model", "gpt2-small", "--seq-len", "1024", "--checkpointing", "full")
+    # one more forward of the 12 blocks, not of the LM head: 12 * 1024 * 17,301,504
+    assert ckpt["flops"]["recompute"] == 12 * 1024 * 17_301_504  # type: ignore[index]
+    assert ckpt["memory"]["activations"] < base["memory"]["activations"]  # type: ignore[index]
+
+
+def test_llama_kv_cache_in_the_recipes_compute_dtype(capsys: pytest.CaptureFixture[str]) -> None:
+    out = run_json(capsys, "--model", "llama-7b", "--seq-len", "4096", "--precision", "bf16-true")
+    assert out["memory"]["kv_cache"] == 2 * 2**30  # type: ignore[index]
+    out = run_json(capsys, "--model", "llama-7b", "--seq-len", "4096", "--precision", "bf16-mixed",
+                   "--optimizer", "sgd")
+    assert out["memory"]["kv_cache"] == 2 * 2**30  # type: ignore[index]
+    assert out["memory"]["optimizer"] == 0  # type: ignore[index]
+
+
+def test_hf_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "gpt2", "n_layer": 12, "n_embd": 768, "n_head": 12,
+                               "vocab_size": 50257, "n_positions": 1024}))
+    assert run_json(capsys, "--hf-config", str(cfg))["params"] == 124_439_808
+
+
+def test_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["estimate", "--model", "llama-7b", "--seq-len", "2048", "--precision", "bf16-mixed"]) == 0
+    out = capsys.readouterr().out
+    assert "6,738,415,616" in out
+    assert "GiB" in out and "TFLOP" in out
+    assert "peak of the step" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--model", "gpt5"], "model='gpt5'"),
+        (["--model", "gpt2-small", "--batch-size", "0"], "'0' must be a positive integer"),
+        (["--model", "gpt2-small", "--batch-size", "two"], "'two' is not an integer"),
+        (["--model", "gpt2-small", "--precision", "fp8"], "--precision: invalid choice: 'fp8'"),
+        (["--model", "gpt2-small", "--optimizer", "lion"], "invalid choice: 'lion'"),
+        (["--model", "gpt2-small", "--seq-len", "4096"], "seq_len=4096 exceeds max_seq_len=1024"),
+        (["--hf-config", "/nonexistent/config.json"], "no such file"),
+        ([], "one of the arguments --model --hf-config is required"),
+        (["--model", "gpt2-small", "--hf-config", "x.json"], "not allowed with argument"),
+    ],
+)
+def test_bad_usage_is_one_line_and_exit_2(
+    args: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["estimate", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert needle in lines[0]
+
+
+def test_console_entry_point_without_torch() -> None:
+    # The analytic core and `estimate` never import torch: make it unimportable and run the CLI end to end.
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import torchledger, torchledger.formulas, torchledger.cli\n"
+        "sys.exit(torchledger.cli.main(['estimate', '--model', 'llama-tiny', '--json']))\n"
+    )
+    env_path = str(ROOT / "src")
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": env_path}, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["params"] == 619_136  # 2*1000*128 + 2*(...) + 128, see test_specs
+
+
+def test_python_dash_m_bad_usage_has_no_traceback() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "torchledger", "estimate", "--model", "gpt2-small", "--grad-accum", "-1"],
+        capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src")}, check=False,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "'-1' must be a positive integer" in proc.stderr

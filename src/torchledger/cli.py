@@ -1,0 +1,137 @@
+"""The ``torchledger`` command line.
+
+Every subcommand validates its input before doing any work; bad usage prints one line naming the argument and
+the value and exits with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from torchledger.formulas.estimate import OPTIMIZERS, Estimate, estimate
+from torchledger.formulas.memory import RECIPES
+from torchledger.formulas.specs import PRESETS, ModelSpec, get_preset, spec_from_hf_config
+from torchledger.reporting.units import format_bytes, format_count, format_flops
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad usage: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (its default prints the whole usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: error: {message} (see --help)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model flags shared by ``estimate``, ``count`` and ``measure``."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="PRESET", help=f"a preset: {', '.join(PRESETS)}")
+    source.add_argument("--hf-config", metavar="PATH", help="a Hugging Face config.json (GPT-2, LLaMA, Mistral)")
+    parser.add_argument("--batch-size", type=_positive_int, default=1, help="micro-batch size (default 1)")
+    parser.add_argument(
+        "--seq-len", type=_positive_int, default=None, help="tokens per sequence (default: the model's context)"
+    )
+
+
+def resolve_spec(args: argparse.Namespace) -> ModelSpec:
+    """The spec named by ``--model`` or read from ``--hf-config``."""
+    if args.model is not None:
+        return get_preset(args.model)
+    return spec_from_hf_config(args.hf_config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="torchledger", description="What a PyTorch model costs, predicted and measured.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    est = sub.add_parser(
+        "estimate",
+        help="predict FLOPs and memory of a training step from shapes alone",
+        description="Predict the FLOPs and memory of one optimizer step from the model's shapes (no torch needed).",
+    )
+    add_model_arguments(est)
+    est.add_argument("--precision", choices=list(RECIPES), default="32-true", help="precision recipe (default 32-true)")
+    est.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw", help="optimizer (default adamw)")
+    est.add_argument("--checkpointing", choices=["none", "full"], default="none", help="activation checkpointing")
+    est.add_argument(
+        "--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step (default 1)"
+    )
+    est.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return parser
+
+
+def _estimate_table(e: Estimate) -> str:
+    d = e.to_dict()
+    f, m = d["flops"], d["memory"]
+    tokens = e.batch * e.seq_len
+    rows = [
+        ("model", f"{e.spec.name} ({e.spec.family}, {e.spec.n_layers} layers, d_model {e.spec.d_model})"),
+        ("parameters", format_count(d["params"])),
+        ("step", f"{e.grad_accum} x {e.batch} x {e.seq_len} tokens, {e.precision}, {e.optimizer}, "
+                 f"checkpointing {e.checkpointing}"),
+        ("", ""),
+        ("FLOPs forward (micro-batch)", format_flops(f["forward"])),
+        ("FLOPs backward (micro-batch)", format_flops(f["backward"])),
+        ("FLOPs recompute (micro-batch)", format_flops(f["recompute"])),
+        ("FLOPs per optimizer step", format_flops(f["train_step"])),
+        ("FLOPs per training token", format_flops(f["per_token_train"])),
+        ("", ""),
+        ("parameters", format_bytes(m["params"])),
+        ("gradients", format_bytes(m["grads"])),
+        ("master weights", format_bytes(m["master_params"])),
+        ("optimizer state", format_bytes(m["optimizer"])),
+        (f"activations ({tokens:,} tokens)", format_bytes(m["activations"])),
+        ("peak of the step", f"{format_bytes(m['peak_train'])} (in the {m['peak_phase']} phase)"),
+        ("KV cache (inference)", format_bytes(m["kv_cache"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" if k else "" for k, v in rows)
+
+
+def _run_estimate(args: argparse.Namespace) -> int:
+    spec = resolve_spec(args)
+    result = estimate(
+        spec,
+        args.batch_size,
+        args.seq_len or spec.max_seq_len,
+        precision=args.precision,
+        optimizer=args.optimizer,
+        checkpointing=args.checkpointing,
+        grad_accum=args.grad_accum,
+    )
+    print(json.dumps(result.to_dict()) if args.json else _estimate_table(result))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 bad usage)."""
+    try:
+        args = build_parser().parse_args(argv)
+        return {"estimate": _run_estimate}[args.command](args)
+    except UsageError as exc:
+        print(str(exc), file=sys.stderr)
+    except ValueError as exc:
+        print(f"torchledger: error: {exc}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
