@@ -187,8 +187,13 @@ def test_backward_is_twice_forward_and_batch_scales() -> None:
 def test_recompute_full_and_selective() -> None:
     tiny = get_preset("gpt-tiny")
     layer = F.layer_forward_flops_breakdown(tiny, 2, 256)
+    # each of the 2 blocks runs forward again, the head does not; the early stop of torch.utils.checkpoint skips
+    # each block's last matmul (the MLP's down projection), whose output no backward needs
     full = F.model_flops(tiny, 2, 256, checkpointing="full")
-    assert full.recompute == 2 * sum(layer.values())  # each of the 2 blocks runs forward again; head does not
+    assert full.recompute == 2 * (sum(layer.values()) - layer["mlp.proj"])
+    whole = F.model_flops(tiny, 2, 256, checkpointing="full", checkpoint_early_stop=False)
+    assert whole.recompute == 2 * sum(layer.values())
+    assert whole.recompute - full.recompute == 2 * (2 * 2 * 256 * 512 * 128)
     sel = F.model_flops(tiny, 2, 256, checkpointing="selective")
     assert sel.recompute == 2 * (2 * 2 * 4 * 256 * 256 * 32) * 2  # 2 blocks x (QK^T + AV)
     with pytest.raises(ValueError, match="checkpointing='partial'"):
@@ -255,8 +260,11 @@ def test_megatron_model_flops_equal_exact_for_gpt2() -> None:
 
 def test_megatron_with_recompute_is_exact_full_checkpointing_for_gpt2() -> None:
     # Narayanan et al. eq. 3: 96 B s L h^2 (1 + s/6h + V/16Lh) = model FLOPs + one more forward of every layer.
-    full = F.model_flops(GPT2, 2, 1024, checkpointing="full")
+    full = F.model_flops(GPT2, 2, 1024, checkpointing="full", checkpoint_early_stop=False)
     assert F.megatron_flops_with_recompute(2, 1024, 12, 768, 50257) == full.train
+    # PyTorch's early stop saves each block's MLP down projection: 12 x 2*(2*1024)*3072*768 FLOPs fewer
+    early = F.model_flops(GPT2, 2, 1024, checkpointing="full")
+    assert full.train - early.train == 12 * 2 * 2048 * 3072 * 768
 
 
 def test_megatron_misses_swiglu() -> None:

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import pairwise
 from math import prod
 
 from torchledger.formulas._validate import int_tuple, non_negative_int, one_of, positive_int, positive_number
-from torchledger.formulas.specs import ModelSpec, param_counts
+from torchledger.formulas.specs import CNNSpec, MLPSpec, ModelSpec, param_counts
 
 CHECKPOINTING = ("none", "selective", "full")
 
@@ -170,10 +171,29 @@ def conv_flops(
 
 
 def _conv_shape_flops(s: ConvShape) -> int:
-    per_group = (s.out_channels if s.transposed else s.in_channels) // s.groups
-    positions = prod(s.input_size if s.transposed else s.output_size)
-    channels = s.in_channels if s.transposed else s.out_channels
-    return 2 * s.batch * channels * positions * per_group * prod(s.kernel_size)
+    return conv_flops_from_shapes(
+        s.batch, s.in_channels, s.out_channels, s.kernel_size, input_size=s.input_size, output_size=s.output_size,
+        groups=s.groups, transposed=s.transposed,
+    )
+
+
+def conv_flops_from_shapes(
+    batch: int,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: Iterable[int],
+    *,
+    input_size: Iterable[int],
+    output_size: Iterable[int],
+    groups: int = 1,
+    transposed: bool = False,
+) -> int:
+    """:func:`conv_flops` from the input and output spatial sizes (for ``padding="same"`` and other cases where
+    the output size is known rather than the padding)."""
+    per_group = (out_channels if transposed else in_channels) // positive_int("groups", groups)
+    positions = prod(input_size if transposed else output_size)
+    channels = in_channels if transposed else out_channels
+    return 2 * positive_int("batch", batch) * channels * positions * per_group * prod(kernel_size)
 
 
 def conv_backward_flops(forward_flops: int, *, input_grad: bool = True, weight_grad: bool = True) -> int:
@@ -325,15 +345,23 @@ def model_flops(
     checkpointing: str = "none",
     causal: bool = False,
     recompute_attention_scores: bool = False,
+    checkpoint_early_stop: bool = True,
 ) -> ModelFlops:
     """FLOPs of one micro-batch of ``batch`` sequences of ``seq_len`` tokens through the whole model of ``spec``.
 
     Forward: every block plus the LM head over all positions (embedding lookups cost no FLOPs).
-    Backward: data-grad + weight-grad of every matmul, i.e. exactly 2x the forward, because every block's input
-    depends on the trainable token embedding and so needs its gradient; ``recompute_attention_scores`` adds the
-    QK^T that fused attention kernels recompute.
+    Backward: data-grad + weight-grad of every matmul, i.e. exactly 2x the forward, because every matmul's input
+    depends on trainable parameters (the embedding, the norms) and so needs its gradient;
+    ``recompute_attention_scores`` adds the QK^T that fused attention kernels recompute.
     Recompute: ``full`` checkpointing runs each block's forward again in the backward (the LM head is not
     checkpointed); ``selective`` recomputes only the attention core (QK^T and AV), as Korthikanti et al. 2022 do.
+    NB: PyTorch's non-reentrant ``torch.utils.checkpoint`` stops recomputing once every tensor the backward needs
+    is back (``set_checkpoint_early_stop``, on by default), so a block's last matmul (the MLP's down projection,
+    whose output nothing saves) is not run again: ``checkpoint_early_stop=False`` counts the whole forward, as
+    reentrant checkpointing and Megatron's 96BsLh^2 formula do.
+
+    ``recompute_attention_scores`` describes the attention kernel: fused kernels (flash, memory-efficient, cuDNN,
+    PyTorch's CPU flash) recompute QK^T in the backward; the math path (and the meta device) does not.
 
     Check: GPT-2 small (12 layers, d 768, vocab 50257), B=1, T=1024: forward 291,648,307,200 and forward+backward
     874,944,921,600 FLOPs, as nanoGPT's transformer sizing notebook gives. The lecture notes' "6M FLOP per token"
@@ -350,7 +378,8 @@ def model_flops(
         backward += spec.n_layers * layer["attn.scores"]
     recompute = 0
     if checkpointing == "full":
-        recompute = spec.n_layers * layer_fwd
+        last = layer["mlp.proj"] if spec.family == "gpt2" else layer["mlp.down"]
+        recompute = spec.n_layers * (layer_fwd - (last if checkpoint_early_stop else 0))
     elif checkpointing == "selective":
         recompute = spec.n_layers * (layer["attn.scores"] + layer["attn.av"])
     return ModelFlops(forward=forward, backward=backward, recompute=recompute, tokens=batch * seq_len)
@@ -448,3 +477,38 @@ def megatron_flops_with_recompute(batch: int, seq_len: int, n_layers: int, d_mod
         ("batch", batch), ("seq_len", seq_len), ("n_layers", n_layers), ("d_model", d_model), ("vocab_size", vocab_size)
     ))
     return 96 * b * L * s * h * h + 16 * b * L * s * s * h + 6 * b * s * h * v
+
+
+# --------------------------------------------------------------------------------------------------- small workloads
+
+
+def mlp_flops(spec: MLPSpec, batch: int, *, input_grad: bool = False) -> ModelFlops:
+    """FLOPs of one batch through an :class:`MLPSpec` (ReLU and bias adds not counted).
+
+    Backward: every layer's weight-grad, and the data-grad of every layer but the first unless ``input_grad``
+    (the input batch needs no gradient): a two-layer MLP of equal layers costs 2.5x its forward in all.
+    """
+    positive_int("batch", batch)
+    layers = list(pairwise(spec.dims))
+    forward = sum(linear_flops(batch, a, b) for a, b in layers)
+    backward = sum(
+        linear_backward_flops(batch, a, b, input_grad=input_grad or i > 0) for i, (a, b) in enumerate(layers)
+    )
+    return ModelFlops(forward=forward, backward=backward, recompute=0, tokens=batch)
+
+
+def cnn_flops(spec: CNNSpec, batch: int, *, input_grad: bool = False) -> ModelFlops:
+    """FLOPs of one batch of images through a :class:`CNNSpec`: 3x3 same-padding convolutions and the Linear head.
+
+    Pooling, ReLU and bias adds are not counted; the first convolution skips its data-grad (the images need none).
+    """
+    positive_int("batch", batch)
+    widths = (spec.in_channels, *spec.channels)
+    hw = (spec.image_size, spec.image_size)
+    forward = backward = 0
+    for i, (cin, cout) in enumerate(pairwise(widths)):
+        conv = conv_flops(batch, cin, cout, hw, 3, padding=1)
+        forward += conv
+        backward += conv_backward_flops(conv, input_grad=input_grad or i > 0)
+    head = linear_flops(batch, spec.channels[-1], spec.n_classes)
+    return ModelFlops(forward=forward + head, backward=backward + 2 * head, recompute=0, tokens=batch)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any, Literal
 
 from torchledger.formulas._validate import positive_int
@@ -270,3 +271,53 @@ def spec_from_hf_config(config: str | os.PathLike[str] | dict[str, Any], name: s
         return ModelSpec(name=str(label), family=family, source=where, **kwargs)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """A stack of Linear layers with ReLU between them: ``dims[0] -> dims[1] -> ... -> dims[-1]``, biases on.
+
+    The default is the lecture notes' MLP (1024 -> 4096 -> 4096 -> 1024).
+    """
+
+    dims: tuple[int, ...] = (1024, 4096, 4096, 1024)
+    name: str = "mlp"
+
+    def __post_init__(self) -> None:
+        if len(self.dims) < 2:
+            raise ValueError(f"dims={self.dims!r} needs at least an input and an output width")
+        for i, width in enumerate(self.dims):
+            positive_int(f"dims[{i}]", width)
+
+    @property
+    def n_params(self) -> int:
+        return sum(a * b + b for a, b in pairwise(self.dims))
+
+
+@dataclass(frozen=True)
+class CNNSpec:
+    """The lecture notes' small CNN: 3x3 convolutions (padding 1) with ReLU, global average pool, a Linear head.
+
+    Default: Conv2d(3, 64) -> Conv2d(64, 128) -> pool -> Linear(128, 10) on 32 x 32 images.
+    """
+
+    in_channels: int = 3
+    channels: tuple[int, ...] = (64, 128)
+    image_size: int = 32
+    n_classes: int = 10
+    name: str = "cnn"
+
+    def __post_init__(self) -> None:
+        positive_int("in_channels", self.in_channels)
+        positive_int("image_size", self.image_size)
+        positive_int("n_classes", self.n_classes)
+        if not self.channels:
+            raise ValueError(f"channels={self.channels!r} needs at least one convolution")
+        for i, c in enumerate(self.channels):
+            positive_int(f"channels[{i}]", c)
+
+    @property
+    def n_params(self) -> int:
+        widths = (self.in_channels, *self.channels)
+        convs = sum(cin * cout * 9 + cout for cin, cout in pairwise(widths))
+        return convs + self.channels[-1] * self.n_classes + self.n_classes

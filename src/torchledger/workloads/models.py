@@ -1,0 +1,316 @@
+"""Reference workloads: plain-PyTorch models built from the specs of :mod:`torchledger.formulas.specs`.
+
+Each is constructible on the meta device (``device="meta"``: shapes only, no weights allocated) so that FLOPs and
+memory of any size can be counted. The transformers are the exact architectures the formulas describe:
+
+- :class:`GPT`: pre-norm blocks, fused QKV projection, GELU MLP, LayerNorm, learned positions, tied LM head.
+- :class:`Llama`: pre-norm blocks, separate q/k/v projections with grouped-query attention, rotary positions,
+  SwiGLU MLP, RMSNorm (``F.rms_norm``), untied LM head, no biases.
+
+Both call ``F.scaled_dot_product_attention`` through :class:`AttentionCore`, which counters recognize.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from torchledger.formulas._validate import one_of
+from torchledger.formulas.specs import CNNSpec, MLPSpec, ModelSpec
+
+
+class AttentionCore(nn.Module):
+    """``softmax(q k^T / sqrt(d)) v`` over (B, H, T, D) tensors through ``F.scaled_dot_product_attention``.
+
+    No parameters: the projections around it are ordinary Linear layers. Counters recognize it by the class
+    attribute ``torchledger_attention_core``.
+    """
+
+    torchledger_attention_core = True
+
+    def __init__(self, is_causal: bool = True, enable_gqa: bool = False) -> None:
+        super().__init__()
+        self.is_causal = is_causal
+        self.enable_gqa = enable_gqa
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        # q: (B, H, T, D); k, v: (B, H_kv, T, D) -> (B, H, T, D)
+        if self.enable_gqa:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.is_causal, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=self.is_causal)
+
+
+class MLP(nn.Sequential):
+    """Linear layers with ReLU between them (the lecture notes' MLP by default)."""
+
+    def __init__(self, spec: MLPSpec | None = None, *, device: str | torch.device | None = None) -> None:
+        spec = spec or MLPSpec()
+        layers: list[nn.Module] = []
+        pairs = list(pairwise(spec.dims))
+        for i, (a, b) in enumerate(pairs):
+            layers.append(nn.Linear(a, b, device=device))
+            if i < len(pairs) - 1:
+                layers.append(nn.ReLU())
+        super().__init__(*layers)
+        self.spec = spec
+
+
+class CNN(nn.Module):
+    """3x3 convolutions with ReLU, global average pool, Linear head (the lecture notes' small CNN by default)."""
+
+    def __init__(self, spec: CNNSpec | None = None, *, device: str | torch.device | None = None) -> None:
+        super().__init__()
+        self.spec = spec = spec or CNNSpec()
+        widths = (spec.in_channels, *spec.channels)
+        convs: list[nn.Module] = []
+        for cin, cout in pairwise(widths):
+            convs += [nn.Conv2d(cin, cout, 3, padding=1, device=device), nn.ReLU()]
+        self.features = nn.Sequential(*convs)
+        self.head = nn.Linear(spec.channels[-1], spec.n_classes, device=device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.features(x)  # (B, C, H, W)
+        x = x.mean(dim=(2, 3))  # (B, C): global average pool
+        logits: Tensor = self.head(x)  # (B, classes)
+        return logits
+
+
+class _Transformer(nn.Module):
+    """Embedding, blocks, final norm and LM head, with optional full activation checkpointing per block."""
+
+    blocks: nn.ModuleList
+    spec: ModelSpec
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checkpointing = "none"
+
+    def init_weights(self) -> None:
+        """GPT-2's initialization (normal, std 0.02; zero biases), so losses start near log(vocab)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def set_checkpointing(self, mode: str) -> None:
+        """``"full"``: recompute every block's forward in the backward (non-reentrant ``torch.utils.checkpoint``)."""
+        self.checkpointing = one_of("checkpointing", mode, ("none", "full"))
+
+    def embed(self, idx: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def final(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        # idx, targets: (B, T) int64 -> logits (B, T, V), mean cross-entropy
+        x = self.embed(idx)  # (B, T, d)
+        for block in self.blocks:
+            if self.checkpointing == "full" and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        logits = self.final(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, spec: ModelSpec, device: str | torch.device | None = None, causal: bool = True) -> None:
+        super().__init__()
+        d = spec.d_model
+        self.spec = spec
+        self.ln_1 = nn.LayerNorm(d, device=device)
+        self.c_attn = nn.Linear(d, spec.q_dim + 2 * spec.kv_dim, bias=bool(spec.bias), device=device)
+        self.attn = AttentionCore(is_causal=causal, enable_gqa=spec.n_kv_heads != spec.n_heads)
+        self.c_proj = nn.Linear(spec.q_dim, d, bias=bool(spec.bias), device=device)
+        self.ln_2 = nn.LayerNorm(d, device=device)
+        self.c_fc = nn.Linear(d, spec.d_ff, bias=bool(spec.bias), device=device)
+        self.mlp_proj = nn.Linear(spec.d_ff, d, bias=bool(spec.bias), device=device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.spec
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split([s.q_dim, s.kv_dim, s.kv_dim], dim=2)
+        q = q.view(B, T, s.n_heads, s.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, s.n_kv_heads, s.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = v.view(B, T, s.n_kv_heads, s.head_dim).transpose(1, 2)
+        y = self.attn(q, k, v).transpose(1, 2).contiguous().view(B, T, s.q_dim)  # (B, T, H*D)
+        x = x + self.c_proj(y)
+        out: Tensor = x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+        return out
+
+
+class GPT(_Transformer):
+    """GPT-2 style decoder (the ``gpt2`` family)."""
+
+    def __init__(self, spec: ModelSpec, *, device: str | torch.device | None = None, causal: bool = True) -> None:
+        super().__init__()
+        if spec.family != "gpt2":
+            raise ValueError(f"family={spec.family!r}: GPT builds gpt2-family specs")
+        self.spec = spec
+        self.wte = nn.Embedding(spec.vocab_size, spec.d_model, device=device)
+        self.wpe = nn.Embedding(spec.max_seq_len, spec.d_model, device=device)
+        self.blocks = nn.ModuleList(GPTBlock(spec, device, causal) for _ in range(spec.n_layers))
+        self.ln_f = nn.LayerNorm(spec.d_model, device=device)
+        self.lm_head = nn.Linear(spec.d_model, spec.vocab_size, bias=False, device=device)
+        if spec.tied_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if torch.device(device or "cpu").type != "meta":
+            self.init_weights()
+
+    def embed(self, idx: Tensor) -> Tensor:
+        pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
+        x: Tensor = self.wte(idx) + self.wpe(pos)  # (B, T, d)
+        return x
+
+    def final(self, x: Tensor) -> Tensor:
+        return self.lm_head(self.ln_f(x))  # type: ignore[no-any-return]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-5, device: str | torch.device | None = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d, device=device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class LlamaBlock(nn.Module):
+    cos: Tensor
+    sin: Tensor
+
+    def __init__(self, spec: ModelSpec, device: str | torch.device | None = None, causal: bool = True) -> None:
+        super().__init__()
+        d = spec.d_model
+        self.spec = spec
+        self.norm_1 = RMSNorm(d, device=device)
+        self.q_proj = nn.Linear(d, spec.q_dim, bias=False, device=device)
+        self.k_proj = nn.Linear(d, spec.kv_dim, bias=False, device=device)
+        self.v_proj = nn.Linear(d, spec.kv_dim, bias=False, device=device)
+        self.attn = AttentionCore(is_causal=causal, enable_gqa=spec.n_kv_heads != spec.n_heads)
+        self.o_proj = nn.Linear(spec.q_dim, d, bias=False, device=device)
+        self.norm_2 = RMSNorm(d, device=device)
+        self.gate_proj = nn.Linear(d, spec.d_ff, bias=False, device=device)
+        self.up_proj = nn.Linear(d, spec.d_ff, bias=False, device=device)
+        self.down_proj = nn.Linear(spec.d_ff, d, bias=False, device=device)
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, spec.head_dim, 2, device=device).float() / spec.head_dim))
+        angles = torch.outer(torch.arange(spec.max_seq_len, device=device).float(), inv_freq)  # (T_max, D/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (T_max, D)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.spec
+        B, T, _ = x.shape
+        h = self.norm_1(x)
+        q = self.q_proj(h).view(B, T, s.n_heads, s.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(h).view(B, T, s.n_kv_heads, s.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = self.v_proj(h).view(B, T, s.n_kv_heads, s.head_dim).transpose(1, 2)
+        cos, sin = self.cos[:T], self.sin[:T]  # (T, D)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        y = self.attn(q, k, v).transpose(1, 2).contiguous().view(B, T, s.q_dim)  # (B, T, H*D)
+        x = x + self.o_proj(y)
+        h = self.norm_2(x)
+        out: Tensor = x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        return out
+
+
+class Llama(_Transformer):
+    """LLaMA style decoder (the ``llama`` family)."""
+
+    def __init__(self, spec: ModelSpec, *, device: str | torch.device | None = None, causal: bool = True) -> None:
+        super().__init__()
+        if spec.family != "llama":
+            raise ValueError(f"family={spec.family!r}: Llama builds llama-family specs")
+        self.spec = spec
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.d_model, device=device)
+        self.blocks = nn.ModuleList(LlamaBlock(spec, device, causal) for _ in range(spec.n_layers))
+        self.norm = RMSNorm(spec.d_model, device=device)
+        self.lm_head = nn.Linear(spec.d_model, spec.vocab_size, bias=False, device=device)
+        if spec.tied_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        if torch.device(device or "cpu").type != "meta":
+            self.init_weights()
+
+    def embed(self, idx: Tensor) -> Tensor:
+        return self.embed_tokens(idx)  # type: ignore[no-any-return]
+
+    def final(self, x: Tensor) -> Tensor:
+        return self.lm_head(self.norm(x))  # type: ignore[no-any-return]
+
+
+def build_transformer(
+    spec: ModelSpec, *, device: str | torch.device | None = None, causal: bool = True
+) -> GPT | Llama:
+    """The reference transformer for ``spec`` (``device="meta"`` allocates nothing; ``causal=False`` drops the mask)."""
+    cls = GPT if spec.family == "gpt2" else Llama
+    return cls(spec, device=device, causal=causal)
+
+
+def token_batch(spec: ModelSpec, batch: int, seq_len: int, *, device: str | torch.device = "cpu",
+                seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Random token ids and next-token targets, (B, T) int64 each (empty tensors on the meta device)."""
+    if torch.device(device).type == "meta":
+        idx = torch.empty(batch, seq_len, dtype=torch.long, device=device)
+        return idx, torch.empty_like(idx)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, spec.vocab_size, (batch, seq_len + 1), generator=gen)
+    return ids[:, :-1].contiguous().to(device), ids[:, 1:].contiguous().to(device)
+
+
+class Int8Linear(nn.Module):
+    """A Linear layer run as an int8 x int8 -> int32 matmul (``torch._int_mm``) with dynamic per-row activation scales
+    and per-channel weight scales, symmetric. Counters recognize it by ``torchledger_int_matmul``.
+    """
+
+    torchledger_int_matmul = True
+    weight_int8: Tensor
+    weight_scale: Tensor
+    bias: Tensor | None
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach()  # (out, in)
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127  # (out,)
+        w_int8 = (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)  # (out, in)
+        self.register_buffer("weight_int8", w_int8.t().contiguous())  # (in, out): _int_mm's (k, n)
+        self.register_buffer("weight_scale", scale.float())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)  # (N, in)
+        x_scale = x2.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127  # (N, 1)
+        xq = (x2 / x_scale).round().clamp(-128, 127).to(torch.int8)
+        acc = torch._int_mm(xq, self.weight_int8)  # (N, out) int32
+        y = acc.to(x.dtype) * x_scale * self.weight_scale.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` by an :class:`Int8Linear` (in place; returns ``model``)."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(model, name, Int8Linear(child))
+        else:
+            quantize_int8(child)
+    return model
