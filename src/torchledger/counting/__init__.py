@@ -4,12 +4,13 @@ Each counter is a context manager plus a one-call function that takes the model 
 scalar loss, and returns a :class:`FlopCount` in the units of :mod:`torchledger.formulas`.
 """
 
+from torchledger.counting.combined import count_all
 from torchledger.counting.dispatch import DispatchCounter, count_with_dispatch
 from torchledger.counting.hooks import HookCounter, count_with_hooks, sdpa_is_fused
 from torchledger.counting.profiler import MATMUL_OPS, ProfilerCounter, count_with_profiler
 from torchledger.counting.result import FlopCount
 
 __all__ = [
-    "MATMUL_OPS", "DispatchCounter", "FlopCount", "HookCounter", "ProfilerCounter", "count_with_dispatch",
+    "MATMUL_OPS", "DispatchCounter", "FlopCount", "HookCounter", "ProfilerCounter", "count_all", "count_with_dispatch",
     "count_with_hooks", "count_with_profiler", "sdpa_is_fused",
 ]

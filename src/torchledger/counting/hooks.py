@@ -1,8 +1,9 @@
 """Counting FLOPs with module hooks: the formula of each module type applied to the shapes it sees.
 
-Forward hooks count Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, MultiheadAttention, the project's attention core
-and its int8 matmul layers; full backward hooks count the backward: a data-grad only where the module's input
-needs a gradient (``grad_input`` is None otherwise) and a weight-grad only where the weight requires one. A forward
+Forward hooks count Linear (and transformers' Conv1D), Conv1d/2d/3d, ConvTranspose1d/2d/3d, MultiheadAttention,
+the project's attention core and its int8 matmul layers; full backward hooks count the backward: a data-grad only
+where the module's input needs a gradient (``grad_input`` is None otherwise) and a weight-grad only where the
+weight requires one. A forward
 hook that fires during the backward pass (a checkpointed block being recomputed) counts as recompute.
 
 Attention's backward follows the kernel that ran: fused kernels (flash, memory-efficient, cuDNN, and PyTorch's CPU
@@ -49,6 +50,18 @@ def _linear_tokens(x: Tensor, in_features: int) -> int:
     return x.numel() // in_features
 
 
+def _is_linear(m: nn.Module) -> bool:
+    """``nn.Linear``, or transformers' ``Conv1D`` (GPT-2's linear layer with a transposed (in, out) weight)."""
+    return isinstance(m, nn.Linear) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf"))
+
+
+def _linear_dims(m: nn.Module) -> tuple[int, int]:
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    weight = getattr(m, "weight")  # noqa: B009
+    return int(weight.shape[0]), int(getattr(m, "nf"))  # noqa: B009
+
+
 class HookCounter:
     """Context manager: count FLOPs of ``model`` with forward and full backward hooks.
 
@@ -80,8 +93,8 @@ class HookCounter:
 
     # -- forward formulas
     def _linear_fwd(self, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        assert isinstance(m, nn.Linear)
-        self._add(m, F.linear_flops(_linear_tokens(args[0], m.in_features), m.in_features, m.out_features), "forward")
+        n_in, n_out = _linear_dims(m)
+        self._add(m, F.linear_flops(_linear_tokens(args[0], n_in), n_in, n_out), "forward")
 
     def _conv_fwd(self, m: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
         self._add(m, self._conv_flops(m, args[0], out), "forward")
@@ -137,10 +150,10 @@ class HookCounter:
 
     # -- backward formulas
     def _linear_bwd(self, m: nn.Module, grad_in: tuple[Tensor | None, ...], grad_out: tuple[Tensor, ...]) -> None:
-        assert isinstance(m, nn.Linear)
-        tokens = _linear_tokens(grad_out[0], m.out_features)
-        flops = F.linear_backward_flops(tokens, m.in_features, m.out_features,
-                                        input_grad=grad_in[0] is not None, weight_grad=m.weight.requires_grad)
+        n_in, n_out = _linear_dims(m)
+        weight = getattr(m, "weight")  # noqa: B009
+        flops = F.linear_backward_flops(_linear_tokens(grad_out[0], n_out), n_in, n_out,
+                                        input_grad=grad_in[0] is not None, weight_grad=bool(weight.requires_grad))
         self._add(m, flops, "backward")
 
     def _conv_bwd(self, m: nn.Module, grad_in: tuple[Tensor | None, ...], grad_out: tuple[Tensor, ...]) -> None:
@@ -186,7 +199,7 @@ class HookCounter:
         for module in self.model.modules():
             fwd: Callable[..., None] | None = None
             bwd: Callable[..., None] | None = None
-            if isinstance(module, nn.Linear):
+            if _is_linear(module):
                 fwd, bwd = self._linear_fwd, self._linear_bwd
             elif isinstance(module, _CONV + _CONV_T):
                 fwd, bwd = self._conv_fwd, self._conv_bwd

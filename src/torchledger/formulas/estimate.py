@@ -8,7 +8,7 @@ from typing import Any
 from torchledger.formulas._validate import one_of, positive_int
 from torchledger.formulas.flops import ModelFlops, model_flops
 from torchledger.formulas.memory import TrainPeak, get_recipe, kv_cache_bytes, train_peak_bytes
-from torchledger.formulas.specs import ModelSpec, n_params
+from torchledger.formulas.specs import ModelSpec, check_seq_len, n_params
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 
@@ -82,13 +82,8 @@ def estimate(
     same batch and sequence length, in the recipe's compute dtype.
     """
     positive_int("batch_size", batch)
-    positive_int("seq_len", seq_len)
+    check_seq_len(spec, seq_len)
     positive_int("grad_accum", grad_accum)
-    if seq_len > spec.max_seq_len and spec.family == "gpt2":
-        raise ValueError(
-            f"seq_len={seq_len} exceeds max_seq_len={spec.max_seq_len} of {spec.name}: its learned position table "
-            "has no rows beyond it"
-        )
     recipe = get_recipe(precision)
     one_of("optimizer", optimizer, OPTIMIZERS)
     one_of("checkpointing", checkpointing, ("none", "full"))

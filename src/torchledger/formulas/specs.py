@@ -167,6 +167,17 @@ def n_params(spec: ModelSpec) -> int:
     return param_counts(spec).total
 
 
+def check_seq_len(spec: ModelSpec, seq_len: int) -> int:
+    """``seq_len`` if ``spec`` can run it: a learned position table (``gpt2``) has no rows beyond max_seq_len."""
+    positive_int("seq_len", seq_len)
+    if spec.family == "gpt2" and seq_len > spec.max_seq_len:
+        raise ValueError(
+            f"seq_len={seq_len} exceeds max_seq_len={spec.max_seq_len} of {spec.name}: its learned position table "
+            "has no rows beyond it"
+        )
+    return seq_len
+
+
 def _gpt2(name: str, n_layers: int, d_model: int, n_heads: int, source: str) -> ModelSpec:
     return ModelSpec(name, "gpt2", n_layers, d_model, n_heads, vocab_size=50257, max_seq_len=1024, source=source)
 

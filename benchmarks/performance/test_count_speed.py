@@ -1,0 +1,77 @@
+"""How fast ``torchledger count`` sizes a large model: LLaMA-7B forward+backward at 2,048 tokens on the meta device.
+
+Targets (on a 2-core CPU): the count under 2 s and the CLI process under 1 GB of peak RSS, and never more than 1.5x
+a bare FlopCounterMode pass over the same model in the same run. Times are in-process (build on meta + count),
+after the interpreter and torch are imported (importing torch alone takes about 1.4 s here); the CLI's own wall time
+and peak RSS are recorded beside them from one subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from torch.utils.flop_counter import FlopCounterMode
+
+from torchledger.counting.model_count import count_model
+from torchledger.formulas import get_preset
+from torchledger.workloads import build_transformer, token_batch
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = get_preset("llama-7b")
+SEQ = 2048
+
+
+def _bare_flop_counter_mode() -> int:
+    model = build_transformer(SPEC, device="meta")
+    idx, targets = token_batch(SPEC, 1, SEQ, device="meta")
+    with FlopCounterMode(display=False) as mode:
+        loss = model(idx, targets)[1]
+        assert loss is not None
+        loss.backward()
+    return int(mode.get_total_flops())
+
+
+def _cli_wall_and_peak_rss() -> tuple[float, int]:
+    """One `torchledger count` process: wall seconds and peak RSS in bytes (os.wait4 reports this child's own)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "torchledger", "count", "--model", "llama-7b", "--seq-len", str(SEQ), "--backward",
+           "--json"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0
+    return wall, usage.ru_maxrss * 1024
+
+
+@pytest.mark.benchmark(group="count")
+def test_count_llama_7b_on_meta(benchmark) -> None:  # type: ignore[no-untyped-def]
+    report = benchmark.pedantic(count_model, args=(SPEC, 1, SEQ), kwargs={"backward": True}, rounds=3,
+                                warmup_rounds=1, iterations=1)
+    assert report.errors == []
+    assert report.figure("hooks") == report.figure("dispatch") == report.formula == 87_784_836_562_944
+    benchmark.extra_info.update({"device": "meta", "model": "llama-7b", "seq_len": SEQ, "flops": report.formula})
+    if benchmark.disabled:
+        return
+    _bare_flop_counter_mode()  # warm-up, as the counted case had
+    bare = []
+    for _ in range(3):
+        start = time.perf_counter()
+        assert _bare_flop_counter_mode() == report.formula
+        bare.append(time.perf_counter() - start)
+    count_s = benchmark.stats.stats.median
+    wall, rss = _cli_wall_and_peak_rss()
+    benchmark.extra_info.update({
+        "count_s": count_s,
+        "bare_flop_counter_mode_s": statistics.median(bare),
+        "ratio_to_bare": count_s / statistics.median(bare),
+        "cli_wall_s_including_torch_import": wall,
+        "cli_peak_rss": rss,
+    })
