@@ -7,7 +7,8 @@ from typing import Any
 
 from torchledger.formulas._validate import one_of, positive_int
 from torchledger.formulas.flops import ModelFlops, model_flops
-from torchledger.formulas.memory import TrainPeak, get_recipe, kv_cache_bytes, train_peak_bytes
+from torchledger.formulas.memory import get_recipe, kv_cache_bytes
+from torchledger.formulas.peak import TrainPeak, train_peak_bytes
 from torchledger.formulas.specs import ModelSpec, check_seq_len, n_params
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")

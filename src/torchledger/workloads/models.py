@@ -190,11 +190,30 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-class LlamaBlock(nn.Module):
+class Rotary(nn.Module):
+    """Rotary position tables (cos, sin: max_seq_len x head_dim), one module shared by every block."""
+
     cos: Tensor
     sin: Tensor
 
-    def __init__(self, spec: ModelSpec, device: str | torch.device | None = None, causal: bool = True) -> None:
+    def __init__(self, spec: ModelSpec, device: str | torch.device | None = None) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, spec.head_dim, 2, device=device).float() / spec.head_dim))
+        angles = torch.outer(torch.arange(spec.max_seq_len, device=device).float(), inv_freq)  # (T_max, D/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (T_max, D)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: (B, H, T, D)
+        T = x.size(-2)
+        out: Tensor = x * self.cos[:T] + _rotate_half(x) * self.sin[:T]
+        return out
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, spec: ModelSpec, rotary: Rotary, device: str | torch.device | None = None,
+                 causal: bool = True) -> None:
         super().__init__()
         d = spec.d_model
         self.spec = spec
@@ -208,11 +227,7 @@ class LlamaBlock(nn.Module):
         self.gate_proj = nn.Linear(d, spec.d_ff, bias=False, device=device)
         self.up_proj = nn.Linear(d, spec.d_ff, bias=False, device=device)
         self.down_proj = nn.Linear(spec.d_ff, d, bias=False, device=device)
-        inv_freq = 1.0 / (10000 ** (torch.arange(0, spec.head_dim, 2, device=device).float() / spec.head_dim))
-        angles = torch.outer(torch.arange(spec.max_seq_len, device=device).float(), inv_freq)  # (T_max, D/2)
-        angles = torch.cat((angles, angles), dim=-1)  # (T_max, D)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.rotary = rotary
 
     def forward(self, x: Tensor) -> Tensor:
         s = self.spec
@@ -221,9 +236,7 @@ class LlamaBlock(nn.Module):
         q = self.q_proj(h).view(B, T, s.n_heads, s.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(h).view(B, T, s.n_kv_heads, s.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         v = self.v_proj(h).view(B, T, s.n_kv_heads, s.head_dim).transpose(1, 2)
-        cos, sin = self.cos[:T], self.sin[:T]  # (T, D)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k = self.rotary(q), self.rotary(k)
         y = self.attn(q, k, v).transpose(1, 2).contiguous().view(B, T, s.q_dim)  # (B, T, H*D)
         x = x + self.o_proj(y)
         h = self.norm_2(x)
@@ -240,7 +253,8 @@ class Llama(_Transformer):
             raise ValueError(f"family={spec.family!r}: Llama builds llama-family specs")
         self.spec = spec
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.d_model, device=device)
-        self.blocks = nn.ModuleList(LlamaBlock(spec, device, causal) for _ in range(spec.n_layers))
+        rotary = Rotary(spec, device)
+        self.blocks = nn.ModuleList(LlamaBlock(spec, rotary, device, causal) for _ in range(spec.n_layers))
         self.norm = RMSNorm(spec.d_model, device=device)
         self.lm_head = nn.Linear(spec.d_model, spec.vocab_size, bias=False, device=device)
         if spec.tied_embeddings:

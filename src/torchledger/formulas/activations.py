@@ -1,0 +1,215 @@
+"""Activation memory, in bytes: what one micro-batch of training holds for backward, tensor by tensor.
+
+Exact for the reference workloads of :mod:`torchledger.workloads` (checked against a live-storage tracker in
+``benchmarks/verification/test_memory_measured.py``); Korthikanti et al.'s published per-layer formula is in
+:func:`torchledger.formulas.memory.korthikanti_layer_activation_bytes` for comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import pairwise
+
+from torchledger.formulas._validate import one_of, positive_int
+from torchledger.formulas.memory import Recipe, dtype_bytes, get_recipe
+from torchledger.formulas.specs import CNNSpec, MLPSpec, ModelSpec, param_counts
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Bytes held by one micro-batch of training at the end of its forward pass.
+
+    - ``per_layer``: what one block saves for backward without checkpointing (itemized in ``layer_items``);
+    - ``layers``: all blocks (under full checkpointing only each block's input);
+    - ``embedding``: GPT-2's position ids, made in the forward (the input batch belongs to the caller);
+    - ``head``: the final norm's and the LM head's saved tensors and the log-probabilities cross-entropy saves;
+    - ``logits``: the logits the model returns (held by the caller, not saved by autograd);
+    - ``autocast_copies``: 16-bit copies of the matmul weights that autocast caches during the forward (``*-mixed``
+      only); ``saved_copies``: those of them saved for backward (all without checkpointing; under full
+      checkpointing only the LM head's, the others being freed when the autocast region ends);
+    - ``recompute_layer``: one block's saved tensors (and, under autocast, its weights' copies), alive while it is
+      recomputed (full checkpointing only).
+    """
+
+    per_layer: int
+    layers: int
+    embedding: int
+    head: int
+    logits: int
+    autocast_copies: int
+    saved_copies: int
+    recompute_layer: int
+    layer_items: tuple[tuple[str, int], ...]
+    checkpointing: str
+
+    @property
+    def saved(self) -> int:
+        """Bytes saved for backward once the forward has finished and autocast has exited."""
+        return self.layers + self.embedding + self.head + self.saved_copies
+
+    @property
+    def forward_end(self) -> int:
+        """Bytes alive at the end of the forward, inside autocast: saved tensors, logits, autocast's weight cache."""
+        return self.layers + self.embedding + self.head + self.logits + self.autocast_copies
+
+
+def layer_activation_items(spec: ModelSpec, batch: int, seq_len: int, recipe: str = "32-true") -> dict[str, int]:
+    """Bytes that one block of the reference implementation saves for backward, tensor by tensor.
+
+    The reference blocks (pre-norm, no dropout, ``F.scaled_dot_product_attention`` with a fused kernel) save:
+    the norm inputs (residual stream) and their fp32 statistics; the projection inputs (norm outputs, or under
+    autocast their 16-bit copies); the fused qkv output (q, k, v are views of it that SDPA saves) or, for LLaMA,
+    the rotated q and k and the v projection (SDPA with ``enable_gqa=True``, so k and v keep n_kv_heads); SDPA's
+    output and fp32 log-sum-exp; the MLP's hidden tensors (GELU: its input and output; SwiGLU: gate, silu(gate), up
+    and their product).
+
+    Korthikanti et al. 2022 (arXiv 2205.05198, Sec. 4.1) count 34 s b h + 5 a s^2 b bytes per 16-bit GPT layer.
+    This count differs by what the reference layers do differently: no dropout masks (-2 sbh in the 34, and the
+    5as^2b attention-matrix term is gone because fused attention keeps no s x s matrix), plus the small fp32 norm
+    statistics and log-sum-exp that the formula leaves out. ``F.rms_norm`` computes in fp32 and saves its fp32
+    input copy and normalized tensor whatever the recipe.
+    NB: on CPU a 16-bit LayerNorm keeps its mean and rstd in the 16-bit dtype, half the fp32 bytes counted here
+    (as CUDA keeps them): 4 B T bytes per layer, far below any tolerance.
+    """
+    positive_int("batch", batch)
+    positive_int("seq_len", seq_len)
+    r = get_recipe(recipe)
+    tokens = batch * seq_len
+    c = dtype_bytes(r.compute_dtype)
+    # Under autocast the residual stream is fp32 (fp32 embeddings + 16-bit branch outputs promote to fp32).
+    res = dtype_bytes(r.param_dtype)
+    d, f, q, kv = spec.d_model, spec.d_ff, spec.q_dim, spec.kv_dim
+    stats = tokens * 4  # one fp32 value per token (mean or rstd)
+    items: dict[str, int] = {}
+    if spec.family == "gpt2":
+        items["ln_1.input"] = tokens * d * res
+        items["ln_1.stats"] = 2 * stats  # mean and rstd
+        items["attn.qkv.input"] = tokens * d * c
+        items["attn.qkv.output"] = tokens * (q + 2 * kv) * c
+        items["attn.sdpa.output"] = tokens * q * c
+        items["attn.sdpa.logsumexp"] = batch * spec.n_heads * seq_len * 4
+        items["ln_2.input"] = tokens * d * res
+        items["ln_2.stats"] = 2 * stats
+        items["mlp.fc.input"] = tokens * d * c
+        items["mlp.gelu.input"] = tokens * f * c
+        items["mlp.proj.input"] = tokens * f * c
+    else:
+        # F.rms_norm upcasts its input to fp32 and saves that, the fp32 rstd, and the fp32 normalized tensor.
+        items["norm_1.input"] = tokens * d * 4
+        items["norm_1.rstd"] = stats
+        items["norm_1.normalized"] = tokens * d * 4
+        # Under autocast each projection casts the fp32 norm output to 16 bits for itself (autocast caches casts
+        # of leaf weights only): q, k and v save three copies, gate and up two. Without autocast they share one.
+        casts = 3 if r.autocast else 1
+        items["attn.proj.input"] = casts * tokens * d * c
+        items["attn.q_rotated"] = tokens * q * c
+        items["attn.k_rotated"] = tokens * kv * c
+        items["attn.v"] = tokens * kv * c
+        items["attn.sdpa.output"] = tokens * q * c
+        items["attn.sdpa.logsumexp"] = batch * spec.n_heads * seq_len * 4
+        items["norm_2.input"] = tokens * d * 4
+        items["norm_2.rstd"] = stats
+        items["norm_2.normalized"] = tokens * d * 4
+        items["mlp.input"] = (2 if r.autocast else 1) * tokens * d * c
+        items["mlp.gate"] = tokens * f * c
+        items["mlp.silu"] = tokens * f * c
+        items["mlp.up"] = tokens * f * c
+        items["mlp.down.input"] = tokens * f * c
+    return items
+
+
+def logprob_bytes(r: Recipe) -> int:
+    """Bytes per log-probability: cross-entropy runs in fp32 under autocast, else in the parameters' dtype."""
+    return 4 if r.autocast else dtype_bytes(r.param_dtype)
+
+
+def activation_bytes(
+    spec: ModelSpec, batch: int, seq_len: int, recipe: str = "32-true", checkpointing: str = "none"
+) -> Activations:
+    """Activation memory of one training micro-batch (see :class:`Activations` for the parts).
+
+    Full checkpointing keeps only each block's input (the residual stream, B T d in the residual dtype; Korthikanti's
+    "2sbh" for 16-bit) and recomputes one block at a time in the backward.
+    """
+    one_of("checkpointing", checkpointing, ("none", "full"))
+    r = get_recipe(recipe)
+    items = layer_activation_items(spec, batch, seq_len, recipe)
+    per_layer = sum(items.values())
+    tokens = batch * seq_len
+    c = dtype_bytes(r.compute_dtype)
+    res = dtype_bytes(r.param_dtype)
+    logprob = logprob_bytes(r)
+    # The input batch (token ids, targets) belongs to the caller; GPT-2's position ids are made in the forward.
+    embedding = seq_len * 8 if spec.family == "gpt2" else 0
+    if spec.family == "gpt2":
+        head = tokens * spec.d_model * res + 2 * tokens * 4  # ln_f input, mean and rstd
+    else:
+        head = 2 * tokens * spec.d_model * 4 + tokens * 4  # fp32 norm input and normalized tensor, rstd
+    head += tokens * spec.d_model * c + tokens * spec.vocab_size * logprob  # head input, saved log-probabilities
+    logits = tokens * spec.vocab_size * c
+    counts = param_counts(spec)
+    copies = counts.matmul * c if r.autocast else 0
+    head_copy = spec.vocab_size * spec.d_model * c if r.autocast else 0
+    layer_copies = counts.per_layer_matmul * c if r.autocast else 0
+    if checkpointing == "full":
+        layers = spec.n_layers * tokens * spec.d_model * res
+        recompute, saved_copies = per_layer + layer_copies, head_copy
+    else:
+        layers = spec.n_layers * per_layer
+        recompute, saved_copies = 0, copies
+    return Activations(
+        per_layer=per_layer, layers=layers, embedding=embedding, head=head, logits=logits,
+        autocast_copies=copies, saved_copies=saved_copies, recompute_layer=recompute,
+        layer_items=tuple(items.items()), checkpointing=checkpointing,
+    )
+
+
+def buffer_bytes(spec: ModelSpec, recipe: str = "32-true") -> int:
+    """Bytes of the reference model's buffers: LLaMA's rotary cos and sin tables (max_seq_len x head_dim each), in
+    the parameters' dtype; GPT-2 has none."""
+    if spec.family != "llama":
+        return 0
+    return 2 * spec.max_seq_len * spec.head_dim * dtype_bytes(get_recipe(recipe).param_dtype)
+
+
+def _classifier(saved_layers: int, head_saved: int, n_classes: int, batch: int, r: Recipe, weights: int,
+                first_weight: int) -> Activations:
+    """Under autocast every weight's 16-bit copy is cached through the forward, but the first layer's is not saved
+    for backward: its input needs no gradient, so its data-grad (the only use of the weight) never runs."""
+    c = dtype_bytes(r.compute_dtype)
+    copies = weights * c if r.autocast else 0
+    return Activations(
+        per_layer=0, layers=saved_layers, embedding=0,
+        head=head_saved + batch * n_classes * logprob_bytes(r),  # cross-entropy's saved log-probabilities
+        logits=batch * n_classes * c, autocast_copies=copies,
+        saved_copies=copies - (first_weight * c if r.autocast else 0), recompute_layer=0,
+        layer_items=(), checkpointing="none",
+    )
+
+
+def mlp_activation_bytes(spec: MLPSpec, batch: int, recipe: str = "32-true") -> Activations:
+    """Activations of the reference MLP on ``batch`` rows: each hidden ReLU output (saved by the ReLU and by the
+    next Linear, one tensor), under autocast the 16-bit copy of the input, and cross-entropy's log-probabilities."""
+    positive_int("batch", batch)
+    r = get_recipe(recipe)
+    c = dtype_bytes(r.compute_dtype)
+    hidden = sum(spec.dims[1:-1]) * batch * c
+    input_copy = spec.dims[0] * batch * c if r.autocast else 0
+    weights = sum(a * b for a, b in pairwise(spec.dims))
+    return _classifier(hidden + input_copy, 0, spec.dims[-1], batch, r, weights, spec.dims[0] * spec.dims[1])
+
+
+def cnn_activation_bytes(spec: CNNSpec, batch: int, recipe: str = "32-true") -> Activations:
+    """Activations of the reference CNN: each ReLU output (saved by the ReLU and by the next convolution), the
+    pooled features (saved by the head), under autocast the 16-bit copy of the images, and the log-probabilities."""
+    positive_int("batch", batch)
+    r = get_recipe(recipe)
+    c = dtype_bytes(r.compute_dtype)
+    pixels = spec.image_size**2
+    relu_outputs = sum(spec.channels) * batch * pixels * c
+    input_copy = spec.in_channels * batch * pixels * c if r.autocast else 0
+    pooled = batch * spec.channels[-1] * c
+    widths = (spec.in_channels, *spec.channels)
+    weights = sum(a * b * 9 for a, b in pairwise(widths)) + spec.channels[-1] * spec.n_classes
+    return _classifier(relu_outputs + input_copy, pooled, spec.n_classes, batch, r, weights,
+                       spec.in_channels * spec.channels[0] * 9)
