@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from torchledger.formulas.estimate import OPTIMIZERS, Estimate, estimate
 from torchledger.formulas.memory import RECIPES
-from torchledger.formulas.specs import PRESETS, ModelSpec, get_preset, spec_from_hf_config
+from torchledger.formulas.specs import PRESETS, ModelSpec, check_seq_len, get_preset, spec_from_hf_config
 from torchledger.reporting.units import format_bytes, format_count, format_flops
 
 EXIT_USAGE = 2
@@ -38,6 +38,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
     return value
 
 
@@ -89,6 +99,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="also count with torch.profiler (a pass of its own, about 1.4x the cost of the others)",
     )
     cnt.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    mea = sub.add_parser(
+        "measure",
+        help="run one training step and print its measured peak memory beside the prediction",
+        description="Run one steady-state training step (after a warm-up step) and print the measured peak memory "
+        "beside the predicted one. --model also takes the reference workloads 'mlp' and 'cnn'.",
+    )
+    add_model_arguments(mea)
+    mea.add_argument("--precision", choices=[r for r in RECIPES if "master" not in r], default="32-true",
+                     help="precision recipe (default 32-true)")
+    mea.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw", help="optimizer (default adamw)")
+    mea.add_argument("--optimizer-impl", choices=["foreach", "for-loop", "fused"], default="foreach",
+                     help="optimizer implementation (default foreach)")
+    mea.add_argument("--checkpointing", choices=["none", "full"], default="none", help="activation checkpointing")
+    mea.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step")
+    mea.add_argument("--clip-grad-norm", type=_positive_float, default=None, help="clip gradients to this norm")
+    mea.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                     help="default: cuda when available, else cpu")
+    mea.add_argument("--simulate", action="store_true",
+                     help="measure under FakeTensorMode instead: nothing is allocated, any size runs")
+    mea.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
 
@@ -172,11 +203,74 @@ def _run_count(args: argparse.Namespace) -> int:
     return EXIT_USAGE if report.errors else 0
 
 
+EXIT_FAILURE = 1
+
+
+def _run_measure(args: argparse.Namespace) -> int:
+    import torch
+
+    from torchledger.measuring.training import MemoryCase, measure, relative_error, simulate
+    from torchledger.workloads.train_step import TrainConfig
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("torchledger measure: error: --device cuda: no CUDA GPU is available here")
+    config = TrainConfig(args.precision, args.optimizer, args.optimizer_impl, args.checkpointing, args.grad_accum,
+                         args.clip_grad_norm)
+    if args.model in ("mlp", "cnn"):
+        case = MemoryCase(args.model, args.batch_size, config)
+    else:
+        spec = resolve_spec(args)
+        seq_len = args.seq_len or spec.max_seq_len
+        check_seq_len(spec, seq_len)
+        case = MemoryCase(spec.name, args.batch_size, config, seq_len=seq_len, spec=spec)
+    predicted = case.predict()
+    where = "simulated" if args.simulate else device
+    try:
+        measured = simulate(case) if args.simulate else measure(case, device)
+    except torch.OutOfMemoryError:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            free = int(torch.cuda.mem_get_info()[0])
+        else:
+            import psutil
+
+            free = int(psutil.virtual_memory().available)
+        print(f"torchledger measure: out of memory on {device}: predicted peak {format_bytes(predicted.peak)}, "
+              f"free {format_bytes(free)}, short by {format_bytes(max(predicted.peak - free, 0))}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (RuntimeError, TypeError) as exc:  # e.g. a recipe this build cannot run on this device
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"torchledger measure: error: {args.precision} on {device}: {first}") from None
+    error_pct = 100 * relative_error(predicted.peak, measured.peak)
+    result = {
+        "device": where,
+        "measured": {"peak": measured.peak, "by_category": measured.by_category,
+                     "reserved_peak": measured.reserved_peak},
+        "predicted": {"peak": predicted.peak, "by_category": predicted.breakdown(), "phase": predicted.phase,
+                      "phases": predicted.phases},
+        "error_pct": error_pct,
+    }
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{case.workload}, batch {case.batch}, {args.precision}, {args.optimizer} ({args.optimizer_impl}), "
+          f"checkpointing {args.checkpointing}, grad-accum {args.grad_accum}, on {where}")
+    print(f"  {'':<12} {'measured':>12} {'predicted':>12}")
+    pred_cats = predicted.breakdown()
+    for cat in ("params", "grads", "optimizer", "activations", "temporaries"):
+        got = measured.by_category.get(cat)
+        print(f"  {cat:<12} {format_bytes(got) if got is not None else '-':>12} {format_bytes(pred_cats[cat]):>12}")
+    print(f"  {'peak':<12} {format_bytes(measured.peak):>12} {format_bytes(predicted.peak):>12}"
+          f"  ({error_pct:.2f}% apart; predicted in the {predicted.phase} phase)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 bad usage)."""
     try:
         args = build_parser().parse_args(argv)
-        return {"estimate": _run_estimate, "count": _run_count}[args.command](args)
+        return {"estimate": _run_estimate, "count": _run_count, "measure": _run_measure}[args.command](args)
     except UsageError as exc:
         print(str(exc), file=sys.stderr)
     except ValueError as exc:

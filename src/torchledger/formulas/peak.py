@@ -32,6 +32,7 @@ class TrainPeak:
     activations: Activations
     phases: dict[str, int]
     grad_accum: int
+    buffers: int = 0
 
     @property
     def peak(self) -> int:
@@ -41,6 +42,20 @@ class TrainPeak:
     def phase(self) -> str:
         """The phase where the peak falls: ``forward``, ``backward`` or ``optimizer``."""
         return max(self.phases, key=lambda k: self.phases[k])
+
+    def breakdown(self) -> dict[str, int]:
+        """The peak by category, as the memory tracker reports a measurement: params (and buffers), grads,
+        optimizer (and master weights), activations (what autograd saved), temporaries (the rest: logits, gradient
+        transients, the optimizer's temporaries)."""
+        s, a, phase = self.states, self.activations, self.phase
+        out = {
+            "params": s.params + self.buffers,
+            "grads": s.grads if phase == "optimizer" or self.grad_accum > 1 else 0,
+            "optimizer": s.optimizer + s.master_params,
+            "activations": {"forward": a.forward_end - a.logits, "backward": a.saved, "optimizer": 0}[phase],
+        }
+        out["temporaries"] = max(self.peak - sum(out.values()), 0)
+        return out
 
 
 def _step_peak(
@@ -54,6 +69,7 @@ def _step_peak(
     return TrainPeak(
         states=states,
         activations=acts,
+        buffers=buffers,
         phases={
             "forward": persistent + acts.forward_end + accumulated,
             "backward": max(backward_start, persistent + inner_backward),

@@ -201,8 +201,9 @@ class Rotary(nn.Module):
         inv_freq = 1.0 / (10000 ** (torch.arange(0, spec.head_dim, 2, device=device).float() / spec.head_dim))
         angles = torch.outer(torch.arange(spec.max_seq_len, device=device).float(), inv_freq)  # (T_max, D/2)
         angles = torch.cat((angles, angles), dim=-1)  # (T_max, D)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        dtype = torch.get_default_dtype()  # computed in fp32, stored as the model's parameters are
+        self.register_buffer("cos", angles.cos().to(dtype), persistent=False)
+        self.register_buffer("sin", angles.sin().to(dtype), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (B, H, T, D)

@@ -62,10 +62,11 @@ class TrainStep:
                  loss_fn: Callable[[nn.Module, tuple[Tensor, ...]], tuple[Tensor, Tensor]]) -> None:
         self.model, self.config, self.loss_fn = model, config, loss_fn
         self.recipe = get_recipe(config.precision)
-        device = next(model.parameters()).device
+        device = next(iter(model.parameters())).device
         self.device_type = device.type
-        if not self.recipe.autocast:
-            model.to(_TORCH_DTYPES[self.recipe.param_dtype])
+        param_dtype = _TORCH_DTYPES[self.recipe.param_dtype]
+        if any(p.dtype != param_dtype for p in model.parameters()):
+            model.to(param_dtype)
         set_ckpt = getattr(model, "set_checkpointing", None)
         if config.checkpointing != "none":
             if set_ckpt is None:
@@ -113,3 +114,18 @@ def classifier_loss(model: nn.Module, batch: tuple[Tensor, ...]) -> tuple[Tensor
     """Cross-entropy of a classifier (the MLP, the CNN) on (inputs, labels)."""
     logits = model(batch[0])
     return logits, nn.functional.cross_entropy(logits, batch[1])
+
+
+class default_dtype:
+    """Context manager: build modules directly in ``dtype`` (no conversion afterwards, which FakeTensorMode
+    cannot do in place)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def __enter__(self) -> None:
+        self._previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_default_dtype(self._previous)

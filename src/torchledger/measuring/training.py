@@ -1,0 +1,127 @@
+"""Predicted and measured peak memory of one training step of a reference workload: what ``torchledger measure``
+reports and what the memory verification tests compare.
+
+A case names a workload (a transformer preset, ``mlp`` or ``cnn``), its batch and a :class:`TrainConfig`. One
+warm-up step creates the optimizer state; the next step is measured (steady state, as the prediction assumes):
+with the CUDA allocator on CUDA, with the live-storage tracker on the CPU, and under ``FakeTensorMode`` for the
+simulated path, which allocates nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from torchledger.formulas.peak import TrainPeak, cnn_train_peak_bytes, mlp_train_peak_bytes, train_peak_bytes
+from torchledger.formulas.specs import PRESETS, CNNSpec, MLPSpec, ModelSpec, get_preset
+from torchledger.measuring.memory import MemoryMeasurement, cuda_allocated, cuda_warmup, measure_cpu, measure_cuda
+from torchledger.workloads.models import CNN, MLP, build_transformer, token_batch
+from torchledger.workloads.train_step import TrainConfig, TrainStep, classifier_loss, default_dtype, lm_loss
+
+MLP_SPEC = MLPSpec((256, 1024, 1024, 256))
+CNN_SPEC = CNNSpec()
+WORKLOADS = ("mlp", "cnn", *PRESETS)
+
+
+@dataclass(frozen=True)
+class MemoryCase:
+    """One training configuration of one workload."""
+
+    workload: str
+    batch: int
+    config: TrainConfig
+    seq_len: int = 0  # transformers only
+    spec: ModelSpec | None = None  # a transformer spec not among the presets (read from a config.json)
+
+    def transformer_spec(self) -> ModelSpec:
+        return self.spec if self.spec is not None else get_preset(self.workload)
+
+    def predict(self) -> TrainPeak:
+        c = self.config
+        common = {"recipe": c.precision, "optimizer": c.optimizer, "grad_accum": c.grad_accum,
+                  "optimizer_impl": c.optimizer_impl}
+        if self.workload == "mlp":
+            return mlp_train_peak_bytes(MLP_SPEC, self.batch, **common)  # type: ignore[arg-type]
+        if self.workload == "cnn":
+            return cnn_train_peak_bytes(CNN_SPEC, self.batch, **common)  # type: ignore[arg-type]
+        return train_peak_bytes(self.transformer_spec(), self.batch, self.seq_len, checkpointing=c.checkpointing,
+                                **common)  # type: ignore[arg-type]
+
+    def build(self, device: str) -> tuple[nn.Module, TrainStep, list[tuple[Tensor, ...]]]:
+        """The model, its training step and the step's micro-batches, on ``device``."""
+        if self.workload not in WORKLOADS and self.spec is None:
+            raise ValueError(f"workload={self.workload!r} is not one of {', '.join(WORKLOADS)}")
+        torch.manual_seed(0)
+        dtype = {"16-true": torch.float16, "bf16-true": torch.bfloat16}.get(self.config.precision, torch.float32)
+        gen = torch.Generator().manual_seed(0)
+        with default_dtype(dtype):
+            model, loss_fn, batches = self._model_and_batches(device, dtype, gen)
+        return model, TrainStep(model, self.config, loss_fn), batches
+
+    def _model_and_batches(
+        self, device: str, dtype: torch.dtype, gen: torch.Generator
+    ) -> tuple[nn.Module, Callable[..., tuple[Tensor, Tensor]], list[tuple[Tensor, ...]]]:
+        model: nn.Module
+        shape: tuple[int, ...]
+        batches: list[tuple[Tensor, ...]]
+        if self.workload in ("mlp", "cnn"):
+            if self.config.checkpointing != "none":
+                raise ValueError(f"checkpointing={self.config.checkpointing!r}: the {self.workload} has no blocks")
+            if self.workload == "mlp":
+                model, loss_fn = MLP(MLP_SPEC, device=device), classifier_loss
+                shape, classes = (self.batch, MLP_SPEC.dims[0]), MLP_SPEC.dims[-1]
+            else:
+                model, loss_fn = CNN(CNN_SPEC, device=device), classifier_loss
+                shape = (self.batch, CNN_SPEC.in_channels, CNN_SPEC.image_size, CNN_SPEC.image_size)
+                classes = CNN_SPEC.n_classes
+            batches = [
+                (torch.randn(*shape, generator=gen).to(device=device, dtype=dtype),
+                 torch.randint(0, classes, (self.batch,), generator=gen).to(device))
+                for _ in range(self.config.grad_accum)
+            ]
+        else:
+            spec = self.transformer_spec()
+            model, loss_fn = build_transformer(spec, device=device), lm_loss
+            batches = [token_batch(spec, self.batch, self.seq_len, device=device, seed=i)
+                       for i in range(self.config.grad_accum)]
+        return model, loss_fn, batches
+
+
+def measure(case: MemoryCase, device: str) -> MemoryMeasurement:
+    """Measure the steady-state step of ``case`` on ``device`` (``cpu``, ``cuda``)."""
+    if device.startswith("cuda"):
+        cuda_warmup(device)
+        base = cuda_allocated(device)
+        model, step, batches = case.build(device)
+        step.step(batches)  # optimizer state
+        return measure_cuda(lambda: step.step(batches), base=base, device=device)
+    model, step, batches = case.build(device)
+    step.step(batches)
+    return measure_cpu(lambda: step.step(batches), model, step.optimizer, device=device)
+
+
+def simulate(case: MemoryCase) -> MemoryMeasurement:
+    """The same measurement under ``FakeTensorMode``: shapes only, nothing allocated, any size.
+
+    NB: ``16-mixed`` cannot be simulated: GradScaler reads its found-inf flag with ``.item()``.
+    """
+    if case.config.precision == "16-mixed":
+        raise ValueError("precision='16-mixed' cannot be simulated: GradScaler reads a value (found_inf.item())")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model, step, batches = case.build("cpu")
+        step.step(batches)
+        result = measure_cpu(lambda: step.step(batches), model, step.optimizer, device="simulated")
+    return result
+
+
+def relative_error(predicted: int, measured: int) -> float:
+    """|predicted - measured| / measured."""
+    return abs(predicted - measured) / measured
+
+
+Measure = Callable[[MemoryCase, str], MemoryMeasurement]
