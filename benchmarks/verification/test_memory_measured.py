@@ -67,7 +67,8 @@ CASES = [
 def _id(case: MemoryCase) -> str:
     c = case.config
     clip = "-clip" if c.clip_grad_norm else ""
-    return f"{case.workload}-{c.precision}-{c.optimizer}-{c.optimizer_impl}-ckpt_{c.checkpointing}-acc{c.grad_accum}{clip}"
+    opt = f"{c.optimizer}-{c.optimizer_impl}"
+    return f"{case.workload}-{c.precision}-{opt}-ckpt_{c.checkpointing}-acc{c.grad_accum}{clip}"
 
 
 def _skip_unmodelled_cuda_attention(case: MemoryCase) -> None:
