@@ -73,8 +73,24 @@ def test_out_of_memory_is_a_result(monkeypatch: pytest.MonkeyPatch, capsys: pyte
     def oom(case: object, device: str) -> None:
         raise torch.OutOfMemoryError("simulated: tried to allocate 80 GiB")
 
-    monkeypatch.setattr(training, "measure", oom)
+    monkeypatch.setattr(training, "measure", oom)  # the CLI looks it up on the module at each call
     assert main(["measure", "--model", "llama-7b", "--seq-len", "2048", "--device", "cpu"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert "out of memory on cpu: predicted peak" in err[0] and "short by" in err[0]
+
+
+def test_inference_prefill(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "--model", "llama-tiny", "--batch-size", "4", "--seq-len", "128", "--inference",
+                         "--precision", "bf16-true", "--device", "cpu")
+    assert (code, err) == (0, "")
+    predicted = out["predicted"]
+    assert isinstance(predicted, dict)
+    # KV cache: 2 (K, V) x 2 blocks x 2 KV heads x 32 x 128 tokens x 4 sequences x 2 bytes
+    assert predicted["by_category"]["kv_cache"] == 2 * 2 * 2 * 32 * 128 * 4 * 2
+    assert out["error_pct"] == 0.0
+
+
+def test_inference_needs_a_true_recipe(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["measure", "--model", "gpt-tiny", "--inference", "--precision", "bf16-mixed"]) == 2
+    assert "inference runs in the parameters' dtype" in capsys.readouterr().err

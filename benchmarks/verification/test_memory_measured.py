@@ -13,7 +13,15 @@ import torch
 from torchledger.counting.hooks import sdpa_is_fused
 from torchledger.formulas.memory import get_recipe
 from torchledger.formulas.specs import PRESETS, get_preset
-from torchledger.measuring.training import MemoryCase, measure, relative_error, simulate
+from torchledger.measuring.training import (
+    MemoryCase,
+    measure,
+    measure_inference,
+    predict_inference,
+    relative_error,
+    simulate,
+    simulate_inference,
+)
 from torchledger.workloads.train_step import TrainConfig
 
 TOLERANCE = {"cpu": 0.02, "cuda": 0.03}
@@ -124,3 +132,29 @@ def test_breakdown_names_the_model_states() -> None:
     # exp_avg and exp_avg_sq, plus one fp32 step counter per parameter tensor: wte, wpe, 12 per block x 2 blocks,
     # ln_f's weight and bias = 28 tensors
     assert measured.by_category["optimizer"] == 2 * 557_568 * 4 + 4 * 28
+
+
+INFERENCE = [
+    MemoryCase(preset, batch, TrainConfig(recipe), seq_len=seq)
+    for preset in ("gpt-tiny", "llama-tiny")
+    for recipe in ("32-true", "bf16-true")
+    for batch, seq in ((4, 128), (1, 256))
+]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("case", INFERENCE, ids=lambda c: f"{c.workload}-{c.config.precision}-{c.batch}x{c.seq_len}")
+def test_inference_peak_with_kv_cache(case: MemoryCase, device: str) -> None:
+    if device == "cuda":
+        _skip_unmodelled_cuda_attention(case)
+    predicted = predict_inference(case)
+    measured = measure_inference(case, device)
+    assert relative_error(predicted.peak, measured.peak) <= TOLERANCE[device], (predicted, measured)
+
+
+def test_inference_simulation_of_llama_7b() -> None:
+    # LLaMA-2-7B, bf16, one 4,096-token prompt: the 2 GiB cache (REFERENCE's figure) beside 13.48 GB of weights
+    case = MemoryCase("llama-7b", 1, TrainConfig("bf16-true"), seq_len=4096)
+    predicted = predict_inference(case)
+    assert predicted.kv_cache == 2 * 2**30
+    assert simulate_inference(case).peak == predicted.peak

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from torchledger.formulas.estimate import OPTIMIZERS, Estimate, estimate
 from torchledger.formulas.memory import RECIPES
@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     mea.add_argument("--clip-grad-norm", type=_positive_float, default=None, help="clip gradients to this norm")
     mea.add_argument("--device", choices=["cpu", "cuda"], default=None,
                      help="default: cuda when available, else cpu")
+    mea.add_argument("--inference", action="store_true",
+                     help="measure a forward-only prefill that fills a KV cache instead of a training step "
+                     "(32-true, 16-true or bf16-true)")
     mea.add_argument("--simulate", action="store_true",
                      help="measure under FakeTensorMode instead: nothing is allocated, any size runs")
     mea.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -209,7 +212,9 @@ EXIT_FAILURE = 1
 def _run_measure(args: argparse.Namespace) -> int:
     import torch
 
-    from torchledger.measuring.training import MemoryCase, measure, relative_error, simulate
+    from torchledger.measuring import training
+    from torchledger.measuring.memory import MemoryMeasurement
+    from torchledger.measuring.training import MemoryCase, relative_error
     from torchledger.workloads.train_step import TrainConfig
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -224,10 +229,16 @@ def _run_measure(args: argparse.Namespace) -> int:
         seq_len = args.seq_len or spec.max_seq_len
         check_seq_len(spec, seq_len)
         case = MemoryCase(spec.name, args.batch_size, config, seq_len=seq_len, spec=spec)
-    predicted = case.predict()
+    predicted: Any = training.predict_inference(case) if args.inference else case.predict()
     where = "simulated" if args.simulate else device
+    if args.simulate:
+        run = (training.simulate_inference if args.inference else training.simulate)
+        measure_it: Callable[[], MemoryMeasurement] = lambda: run(case)  # noqa: E731
+    else:
+        run_on = training.measure_inference if args.inference else training.measure
+        measure_it = lambda: run_on(case, device)  # noqa: E731
     try:
-        measured = simulate(case) if args.simulate else measure(case, device)
+        measured = measure_it()
     except torch.OutOfMemoryError:
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -243,26 +254,33 @@ def _run_measure(args: argparse.Namespace) -> int:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"torchledger measure: error: {args.precision} on {device}: {first}") from None
     error_pct = 100 * relative_error(predicted.peak, measured.peak)
-    result = {
+    result: dict[str, Any] = {
         "device": where,
         "measured": {"peak": measured.peak, "by_category": measured.by_category,
-                     "reserved_peak": measured.reserved_peak},
-        "predicted": {"peak": predicted.peak, "by_category": predicted.breakdown(), "phase": predicted.phase,
-                      "phases": predicted.phases},
+                     "reserved_peak": measured.reserved_peak, "outside_allocator": measured.outside_allocator},
+        "predicted": {"peak": predicted.peak, "by_category": predicted.breakdown()},
         "error_pct": error_pct,
     }
+    if not args.inference:
+        result["predicted"].update({"phase": predicted.phase, "phases": predicted.phases})
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{case.workload}, batch {case.batch}, {args.precision}, {args.optimizer} ({args.optimizer_impl}), "
-          f"checkpointing {args.checkpointing}, grad-accum {args.grad_accum}, on {where}")
+    if args.inference:
+        print(f"{case.workload}, prefill of {case.batch} x {case.seq_len} tokens with a KV cache, {args.precision}, "
+              f"on {where}")
+    else:
+        print(f"{case.workload}, batch {case.batch}, {args.precision}, {args.optimizer} ({args.optimizer_impl}), "
+              f"checkpointing {args.checkpointing}, grad-accum {args.grad_accum}, on {where}")
     print(f"  {'':<12} {'measured':>12} {'predicted':>12}")
     pred_cats = predicted.breakdown()
-    for cat in ("params", "grads", "optimizer", "activations", "temporaries"):
-        got = measured.by_category.get(cat)
-        print(f"  {cat:<12} {format_bytes(got) if got is not None else '-':>12} {format_bytes(pred_cats[cat]):>12}")
+    for cat in dict.fromkeys([*measured.by_category, *pred_cats]):
+        got, want = measured.by_category.get(cat), pred_cats.get(cat)
+        print(f"  {cat:<12} {format_bytes(got) if got is not None else '-':>12} "
+              f"{format_bytes(want) if want is not None else '-':>12}")
+    where_peak = "" if args.inference else f"; predicted in the {predicted.phase} phase"
     print(f"  {'peak':<12} {format_bytes(measured.peak):>12} {format_bytes(predicted.peak):>12}"
-          f"  ({error_pct:.2f}% apart; predicted in the {predicted.phase} phase)")
+          f"  ({error_pct:.2f}% apart{where_peak})")
     return 0
 
 

@@ -53,7 +53,14 @@ from torchledger.formulas.memory import (
     optimizer_state_bytes,
     optimizer_step_temp_bytes,
 )
-from torchledger.formulas.peak import TrainPeak, cnn_train_peak_bytes, mlp_train_peak_bytes, train_peak_bytes
+from torchledger.formulas.peak import (
+    InferencePeak,
+    TrainPeak,
+    cnn_train_peak_bytes,
+    inference_peak_bytes,
+    mlp_train_peak_bytes,
+    train_peak_bytes,
+)
 from torchledger.formulas.specs import (
     PRESETS,
     CNNSpec,
@@ -74,6 +81,7 @@ __all__ = [
     "CNNSpec",
     "DeviceSpec",
     "Estimate",
+    "InferencePeak",
     "MLPSpec",
     "ModelFlops",
     "ModelSpec",
@@ -96,6 +104,7 @@ __all__ = [
     "estimate",
     "flops_per_token_train",
     "get_preset",
+    "inference_peak_bytes",
     "kaplan_forward_flops_per_token",
     "kaplan_train_flops_per_token",
     "korthikanti_layer_activation_bytes",

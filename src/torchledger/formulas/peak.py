@@ -18,6 +18,7 @@ from torchledger.formulas.memory import (
     ModelStates,
     dtype_bytes,
     get_recipe,
+    kv_cache_bytes,
     model_state_bytes,
     optimizer_step_temp_bytes,
 )
@@ -192,4 +193,49 @@ def cnn_train_peak_bytes(
         states, 0, acts, grad_accum=grad_accum, head_grads=2 * batch * spec.n_classes * logprob_bytes(r),
         inner_backward=inner,
         optimizer_temps=optimizer_step_temp_bytes(spec.n_params, largest, optimizer, recipe, optimizer_impl),
+    )
+
+
+@dataclass(frozen=True)
+class InferencePeak:
+    """The peak of a forward-only pass over a prompt that fills a KV cache (``prefill``), by part."""
+
+    params: int
+    kv_cache: int
+    activations: int
+
+    @property
+    def peak(self) -> int:
+        return self.params + self.kv_cache + self.activations
+
+    def breakdown(self) -> dict[str, int]:
+        return {"params": self.params, "kv_cache": self.kv_cache, "activations": self.activations}
+
+
+def inference_peak_bytes(spec: ModelSpec, batch: int, seq_len: int, *, recipe: str = "bf16-true") -> InferencePeak:
+    """Peak bytes of the reference transformer's prefill (no autograd): parameters and buffers, the KV cache of
+    every block, and the last block's live tensors at its MLP.
+
+    Without autograd a block holds only what its code still references: the block input, the fused qkv output
+    (GPT-2; the q, k, v views keep it) or the rotated q and v's projection (LLaMA), the attention output, the
+    residual sum, for LLaMA the second norm's output, and the MLP's widest moment (GELU: its input and output;
+    SwiGLU: silu(gate), up and their product). The cache is full by then; the LM head runs on the last position.
+    Runs in the parameters' dtype: the ``*-true`` recipes only.
+    """
+    r = get_recipe(recipe)
+    if r.autocast or r.master_dtype:
+        raise ValueError(f"precision={recipe!r}: inference runs in the parameters' dtype; use 32-true, 16-true or "
+                         "bf16-true")
+    positive_int("batch", batch)
+    positive_int("seq_len", seq_len)
+    b = dtype_bytes(r.param_dtype)
+    d, f, q, kv = spec.d_model, spec.d_ff, spec.q_dim, spec.kv_dim
+    # elements per token alive at the peak
+    gpt_live = d + (q + 2 * kv) + q + d + 2 * f  # x, qkv, attention out, x + attn, GELU input and output
+    llama_live = d + q + kv + q + d + d + 3 * f  # x, rotated q, v_proj out, attention out, x + attn, norm, 3 f
+    live = gpt_live if spec.family == "gpt2" else llama_live
+    return InferencePeak(
+        params=param_counts(spec).total * b + buffer_bytes(spec, recipe),
+        kv_cache=kv_cache_bytes(spec, batch, seq_len, r.param_dtype),
+        activations=batch * seq_len * live * b,
     )

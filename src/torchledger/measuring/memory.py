@@ -37,6 +37,7 @@ class MemoryMeasurement:
     by_category: dict[str, int] = field(default_factory=dict)
     baseline: int = 0
     reserved_peak: int | None = None
+    outside_allocator: int | None = None  # CUDA: device memory in use that the allocator does not hold
 
 
 def _storage_of(t: Tensor) -> Any:
@@ -184,7 +185,10 @@ def measure_cuda(fn: Callable[[], object], *, base: int, device: torch.device | 
     fn()
     torch.cuda.synchronize(device)
     stats = torch.cuda.memory_stats(device)
+    free, total = torch.cuda.mem_get_info(device)
     return MemoryMeasurement(
         device=str(device), peak=int(stats["allocated_bytes.all.peak"]) - base, baseline=base,
         reserved_peak=int(stats["reserved_bytes.all.peak"]),
+        # the CUDA context (and any other process on the device): used memory the caching allocator does not hold
+        outside_allocator=int(total - free) - int(torch.cuda.memory_reserved(device)),
     )

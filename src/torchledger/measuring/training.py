@@ -15,7 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from torchledger.formulas.peak import TrainPeak, cnn_train_peak_bytes, mlp_train_peak_bytes, train_peak_bytes
+from torchledger.formulas.peak import (
+    InferencePeak,
+    TrainPeak,
+    cnn_train_peak_bytes,
+    inference_peak_bytes,
+    mlp_train_peak_bytes,
+    train_peak_bytes,
+)
 from torchledger.formulas.specs import PRESETS, CNNSpec, MLPSpec, ModelSpec, get_preset
 from torchledger.measuring.memory import MemoryMeasurement, cuda_allocated, cuda_warmup, measure_cpu, measure_cuda
 from torchledger.workloads.models import CNN, MLP, build_transformer, token_batch
@@ -101,6 +108,50 @@ def measure(case: MemoryCase, device: str) -> MemoryMeasurement:
     model, step, batches = case.build(device)
     step.step(batches)
     return measure_cpu(lambda: step.step(batches), model, step.optimizer, device=device)
+
+
+def predict_inference(case: MemoryCase) -> InferencePeak:
+    """The prefill peak of a transformer case (batch x seq_len prompt) in the case's ``*-true`` recipe."""
+    if case.workload in ("mlp", "cnn"):
+        raise ValueError(f"workload={case.workload!r}: inference with a KV cache needs a transformer")
+    return inference_peak_bytes(case.transformer_spec(), case.batch, case.seq_len, recipe=case.config.precision)
+
+
+def _inference_run(case: MemoryCase, device: str) -> tuple[nn.Module, Callable[[], object]]:
+    predict_inference(case)  # validates the workload and recipe
+    spec = case.transformer_spec()
+    dtype = {"16-true": torch.float16, "bf16-true": torch.bfloat16}.get(case.config.precision, torch.float32)
+    with default_dtype(dtype):
+        model = build_transformer(spec, device=device)
+    idx, _ = token_batch(spec, case.batch, case.seq_len, device=device)
+    prefill = model.prefill
+
+    def run() -> object:
+        with torch.no_grad():
+            return prefill(idx)
+
+    return model, run
+
+
+def measure_inference(case: MemoryCase, device: str) -> MemoryMeasurement:
+    """Measure the prefill of ``case`` (a KV cache for every block) on ``device``."""
+    if device.startswith("cuda"):
+        cuda_warmup(device)
+        base = cuda_allocated(device)
+        _, run = _inference_run(case, device)
+        run()  # kernels' one-time allocations
+        return measure_cuda(run, base=base, device=device)
+    model, run = _inference_run(case, device)
+    return measure_cpu(run, model, device=device)
+
+
+def simulate_inference(case: MemoryCase) -> MemoryMeasurement:
+    """:func:`measure_inference` under ``FakeTensorMode``."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model, run = _inference_run(case, "cpu")
+        return measure_cpu(run, model, device="simulated")
 
 
 def simulate(case: MemoryCase) -> MemoryMeasurement:

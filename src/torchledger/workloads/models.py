@@ -107,6 +107,15 @@ class _Transformer(nn.Module):
     def final(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def prefill(self, idx: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Inference over a prompt: the next-token logits (B, V) and the KV cache, one (k, v) pair per block, each
+        (B, H_kv, T, D). Call under ``torch.no_grad()``."""
+        cache: list[tuple[Tensor, Tensor]] = []
+        x = self.embed(idx)  # (B, T, d)
+        for block in self.blocks:
+            x = block(x, cache)
+        return self.final(x[:, -1:, :])[:, 0, :], cache  # logits of the last position only: (B, V)
+
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         # idx, targets: (B, T) int64 -> logits (B, T, V), mean cross-entropy
         x = self.embed(idx)  # (B, T, d)
@@ -135,13 +144,15 @@ class GPTBlock(nn.Module):
         self.c_fc = nn.Linear(d, spec.d_ff, bias=bool(spec.bias), device=device)
         self.mlp_proj = nn.Linear(spec.d_ff, d, bias=bool(spec.bias), device=device)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
         s = self.spec
         B, T, _ = x.shape
         q, k, v = self.c_attn(self.ln_1(x)).split([s.q_dim, s.kv_dim, s.kv_dim], dim=2)
         q = q.view(B, T, s.n_heads, s.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, s.n_kv_heads, s.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         v = v.view(B, T, s.n_kv_heads, s.head_dim).transpose(1, 2)
+        if cache is not None:
+            cache.append((k.contiguous(), v.contiguous()))  # copies: views would keep all of qkv alive
         y = self.attn(q, k, v).transpose(1, 2).contiguous().view(B, T, s.q_dim)  # (B, T, H*D)
         x = x + self.c_proj(y)
         out: Tensor = x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
@@ -230,7 +241,7 @@ class LlamaBlock(nn.Module):
         self.down_proj = nn.Linear(spec.d_ff, d, bias=False, device=device)
         self.rotary = rotary
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
         s = self.spec
         B, T, _ = x.shape
         h = self.norm_1(x)
@@ -238,6 +249,8 @@ class LlamaBlock(nn.Module):
         k = self.k_proj(h).view(B, T, s.n_kv_heads, s.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         v = self.v_proj(h).view(B, T, s.n_kv_heads, s.head_dim).transpose(1, 2)
         q, k = self.rotary(q), self.rotary(k)
+        if cache is not None:
+            cache.append((k, v.contiguous()))  # rotated k is a new tensor; v is a view of v_proj's output
         y = self.attn(q, k, v).transpose(1, 2).contiguous().view(B, T, s.q_dim)  # (B, T, H*D)
         x = x + self.o_proj(y)
         h = self.norm_2(x)
