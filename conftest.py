@@ -57,6 +57,14 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.benchmark_storage = f"file://{config.rootpath / 'results' / _device_tag()}"
     if config.getoption("--ledger-device") == "cuda" and not _cuda_available():
         raise pytest.UsageError("--ledger-device=cuda: no CUDA GPU is available here (torch.cuda.is_available())")
+    uses_cuda = config.getoption("--ledger-device") != "cpu" and _cuda_available()
+    given = " ".join(config.invocation_params.args)
+    # GPU work is asynchronous: time it with a timer that synchronizes first, unless the user chose a timer.
+    if uses_cuda and "--benchmark-timer" not in given and hasattr(config.option, "benchmark_timer"):
+        config.option.benchmark_timer = "torchledger.measuring.timing.synchronized_perf_counter"
+    # Warm-up rounds on (first calls pay for allocation, autotuning and lazy initialization), unless chosen.
+    if "--benchmark-warmup" not in given and hasattr(config.option, "benchmark_warmup"):
+        config.option.benchmark_warmup = True
 
 
 @pytest.fixture(scope="session")

@@ -98,8 +98,12 @@ class _Transformer(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def set_checkpointing(self, mode: str) -> None:
-        """``"full"``: recompute every block's forward in the backward (non-reentrant ``torch.utils.checkpoint``)."""
-        self.checkpointing = one_of("checkpointing", mode, ("none", "full"))
+        """``"full"``: recompute every block's forward in the backward (non-reentrant ``torch.utils.checkpoint``);
+        ``"selective"``: only every other block (blocks 0, 2, 4, ...), trading half the saving for half the cost."""
+        self.checkpointing = one_of("checkpointing", mode, ("none", "full", "selective"))
+
+    def _checkpointed(self, index: int) -> bool:
+        return self.checkpointing == "full" or (self.checkpointing == "selective" and index % 2 == 0)
 
     def embed(self, idx: Tensor) -> Tensor:
         raise NotImplementedError
@@ -119,8 +123,8 @@ class _Transformer(nn.Module):
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         # idx, targets: (B, T) int64 -> logits (B, T, V), mean cross-entropy
         x = self.embed(idx)  # (B, T, d)
-        for block in self.blocks:
-            if self.checkpointing == "full" and torch.is_grad_enabled():
+        for i, block in enumerate(self.blocks):
+            if self._checkpointed(i) and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)

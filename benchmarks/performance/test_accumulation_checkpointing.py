@@ -1,0 +1,83 @@
+"""The accumulation and checkpointing groups: what a memory-saving technique costs in time and saves in bytes,
+measured beside the prediction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from benchmarks.performance.conftest import Ledger, peak_memory
+from torchledger.formulas.activations import activation_bytes
+from torchledger.formulas.peak import train_peak_bytes
+from torchledger.formulas.specs import get_preset
+from torchledger.workloads.models import build_transformer, token_batch
+from torchledger.workloads.train_step import TrainConfig, TrainStep, lm_loss
+
+ACCUM = 4
+
+
+def _grads_after_one_step(model: torch.nn.Module, step: TrainStep, batches: list[tuple[torch.Tensor, ...]]) -> list[
+        torch.Tensor]:
+    """The gradients of one step's micro-batches (the optimizer step and zero_grad are skipped)."""
+    for batch in batches:
+        loss = step.loss_fn(model, batch)[1] / len(batches)
+        loss.backward()
+    grads = [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.benchmark(group="accumulation")
+@pytest.mark.parametrize("micro_batches", [1, ACCUM], ids=lambda k: f"{k}x")
+def test_same_effective_batch(ledger: Ledger, sizes: dict[str, Any], micro_batches: int) -> None:
+    device, spec = ledger.device, get_preset(sizes["gpt"])
+    batch, seq = sizes["gpt_batch"], sizes["gpt_seq"]
+    torch.manual_seed(0)
+    model = build_transformer(spec, device=device)
+    step = TrainStep(model, TrainConfig(grad_accum=micro_batches), lm_loss)
+    idx, targets = token_batch(spec, batch, seq, device=device)
+    per = batch // micro_batches
+    batches = [(idx[i * per:(i + 1) * per], targets[i * per:(i + 1) * per]) for i in range(micro_batches)]
+    # The gradients of k micro-batches of B/k agree with one batch of B (the mean loss is split k ways).
+    whole = _grads_after_one_step(model, step, [(idx, targets)])
+    split = _grads_after_one_step(model, step, batches)
+    grad_error = max(float((a - b).norm() / a.norm()) for a, b in zip(whole, split, strict=True))
+    assert grad_error < 1e-4, f"accumulated gradients differ from the full batch's by {grad_error:.2e}"
+
+    def run() -> None:
+        step.step(batches)
+
+    run()
+    measured = peak_memory(device, run, model, step.optimizer)
+    predicted = train_peak_bytes(spec, per, seq, grad_accum=micro_batches).peak
+    ledger.time(run, rounds=sizes["rounds"], warmup=1, recipe="32-true", effective_batch=batch,
+                micro_batches=micro_batches, peak_memory=measured, predicted_memory=predicted, rel_error=grad_error)
+
+
+@pytest.mark.benchmark(group="checkpointing")
+@pytest.mark.parametrize("mode", ["none", "selective", "full"])
+def test_checkpointing(ledger: Ledger, sizes: dict[str, Any], mode: str) -> None:
+    device, spec = ledger.device, get_preset(sizes["gpt"])
+    batch, seq = sizes["gpt_batch"], sizes["gpt_seq"]
+    torch.manual_seed(0)
+    model = build_transformer(spec, device=device)
+    step = TrainStep(model, TrainConfig(), lm_loss)
+    model.set_checkpointing(mode)
+    batches = [token_batch(spec, batch, seq, device=device)]
+
+    def run() -> None:
+        step.step(batches)
+
+    run()
+    measured = peak_memory(device, run, model, step.optimizer)
+    none = activation_bytes(spec, batch, seq)
+    full = activation_bytes(spec, batch, seq, checkpointing="full")
+    per_block_saving = (none.layers - full.layers) // spec.n_layers  # saved tensors less the block input kept
+    checkpointed = {"none": 0, "full": spec.n_layers, "selective": (spec.n_layers + 1) // 2}[mode]
+    predicted_saving = checkpointed * per_block_saving
+    predicted_peak = train_peak_bytes(spec, batch, seq, checkpointing="full" if mode == "full" else "none").peak
+    ledger.time(run, rounds=sizes["rounds"], warmup=1, recipe="32-true", checkpointing=mode,
+                checkpointed_blocks=checkpointed, predicted_activation_saving=predicted_saving, peak_memory=measured,
+                predicted_memory=predicted_peak if mode != "selective" else None)
