@@ -72,14 +72,17 @@ class Ledger:
         return None if spec is None else spec.peak(dtype)
 
     def time(self, fn: Callable[[], object], *, rounds: int, warmup: int = 1, flops: int | None = None,
-             mfu_dtype: str = "fp32", **info: Any) -> float | None:
-        """Benchmark ``fn``; returns the median seconds per call (None when benchmarking is disabled)."""
+             mfu_dtype: str = "fp32", events: bool = True, **info: Any) -> float | None:
+        """Benchmark ``fn``; returns the median seconds per call (None when benchmarking is disabled).
+
+        On CUDA the median of CUDA-event timings is recorded too, unless ``events=False`` (host-bound work such as
+        a DataLoader epoch, where the stream is idle most of the time)."""
         self.benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=1)
         extra: dict[str, Any] = {"device": self.name, **info}
         seconds = None
         if not self.benchmark.disabled:
             seconds = self.benchmark.stats.stats.median
-            if self.cuda:
+            if self.cuda and events:
                 extra["cuda_event_median_s"] = median(cuda_event_times(fn, rounds=max(rounds, 5), warmup=1))
         if flops is not None:
             extra["flops"] = flops

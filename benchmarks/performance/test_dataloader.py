@@ -54,7 +54,7 @@ def test_epochs(ledger: Ledger, sizes: dict[str, Any], config: tuple[int, bool, 
             ledger.sync()
         return seen
 
-    seconds = ledger.time(run_epochs, rounds=1, warmup=0, num_workers=workers, pin_memory=pin,
+    seconds = ledger.time(run_epochs, rounds=1, warmup=0, events=False, num_workers=workers, pin_memory=pin,
                           persistent_workers=persistent, epochs=EPOCHS)
     batches = EPOCHS * len(loader)
     ledger.record(first_batch_latency_s=list(first_batch), batches=batches,
