@@ -62,6 +62,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_step_arguments(parser: argparse.ArgumentParser, recipes: list[str]) -> None:
+    """The training-step flags shared by ``estimate`` and ``measure``."""
+    parser.add_argument("--precision", choices=recipes, default="32-true", help="precision recipe (default 32-true)")
+    parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw", help="optimizer (default adamw)")
+    parser.add_argument("--checkpointing", choices=["none", "full"], default="none", help="activation checkpointing")
+    parser.add_argument("--grad-accum", type=_positive_int, default=1,
+                        help="micro-batches per optimizer step (default 1)")
+
+
 def resolve_spec(args: argparse.Namespace) -> ModelSpec:
     """The spec named by ``--model`` or read from ``--hf-config``."""
     if args.model is not None:
@@ -78,12 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Predict the FLOPs and memory of one optimizer step from the model's shapes (no torch needed).",
     )
     add_model_arguments(est)
-    est.add_argument("--precision", choices=list(RECIPES), default="32-true", help="precision recipe (default 32-true)")
-    est.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw", help="optimizer (default adamw)")
-    est.add_argument("--checkpointing", choices=["none", "full"], default="none", help="activation checkpointing")
-    est.add_argument(
-        "--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step (default 1)"
-    )
+    add_step_arguments(est, list(RECIPES))
     est.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
     cnt = sub.add_parser(
@@ -107,13 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         "beside the predicted one. --model also takes the reference workloads 'mlp' and 'cnn'.",
     )
     add_model_arguments(mea)
-    mea.add_argument("--precision", choices=[r for r in RECIPES if "master" not in r], default="32-true",
-                     help="precision recipe (default 32-true)")
-    mea.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw", help="optimizer (default adamw)")
+    add_step_arguments(mea, [r for r in RECIPES if "master" not in r])
     mea.add_argument("--optimizer-impl", choices=["foreach", "for-loop", "fused"], default="foreach",
                      help="optimizer implementation (default foreach)")
-    mea.add_argument("--checkpointing", choices=["none", "full"], default="none", help="activation checkpointing")
-    mea.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step")
     mea.add_argument("--clip-grad-norm", type=_positive_float, default=None, help="clip gradients to this norm")
     mea.add_argument("--device", choices=["cpu", "cuda"], default=None,
                      help="default: cuda when available, else cpu")
