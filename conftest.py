@@ -42,6 +42,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "default: full on CUDA, small on CPU",
     )
     group.addoption(
+        "--ledger-flush-l2",
+        action="store_true",
+        help="on CUDA, evict the L2 cache (a 256 MB write) before every timed round, as triton's do_bench does: "
+        "for small kernels whose inputs would otherwise stay cached between rounds",
+    )
+    group.addoption(
         "--ledger-device",
         choices=("cpu", "cuda"),
         default=None,

@@ -14,7 +14,7 @@ import torch
 
 from torchledger.formulas.hardware import lookup_device
 from torchledger.measuring.machine import device_name
-from torchledger.measuring.timing import cuda_event_times, median, wall_times
+from torchledger.measuring.timing import L2Flush, cuda_event_times, median, wall_times
 
 # What each size profile runs: small for a 2-core CPU (all of benchmarks/performance in minutes), full for an H100.
 SIZES: dict[str, dict[str, Any]] = {
@@ -50,9 +50,10 @@ def cpu_matmul_peaks(sizes: dict[str, Any]) -> dict[str, float]:
 class Ledger:
     """Times one callable per benchmark and records what was measured beside what was predicted."""
 
-    def __init__(self, benchmark: Any, device: str, cpu_peaks: dict[str, float]) -> None:
+    def __init__(self, benchmark: Any, device: str, cpu_peaks: dict[str, float], flush_l2: bool = False) -> None:
         self.benchmark, self.device, self.cpu_peaks = benchmark, device, cpu_peaks
         self.name = device_name(device)
+        self.flush = L2Flush(device) if flush_l2 and self.cuda else None
 
     @property
     def cuda(self) -> bool:
@@ -77,13 +78,14 @@ class Ledger:
 
         On CUDA the median of CUDA-event timings is recorded too, unless ``events=False`` (host-bound work such as
         a DataLoader epoch, where the stream is idle most of the time)."""
-        self.benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=1)
-        extra: dict[str, Any] = {"device": self.name, **info}
+        self.benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=1, setup=self.flush)
+        extra: dict[str, Any] = {"device": self.name, "l2_flushed": self.flush is not None, **info}
         seconds = None
         if not self.benchmark.disabled:
             seconds = self.benchmark.stats.stats.median
             if self.cuda and events:
-                extra["cuda_event_median_s"] = median(cuda_event_times(fn, rounds=max(rounds, 5), warmup=1))
+                times = cuda_event_times(fn, rounds=max(rounds, 5), warmup=1, flush=self.flush)
+                extra["cuda_event_median_s"] = median(times)
         if flops is not None:
             extra["flops"] = flops
             if seconds:
@@ -98,8 +100,9 @@ class Ledger:
 
 
 @pytest.fixture
-def ledger(benchmark: Any, ledger_device: str, cpu_matmul_peaks: dict[str, float]) -> Ledger:
-    return Ledger(benchmark, ledger_device, cpu_matmul_peaks)
+def ledger(benchmark: Any, ledger_device: str, cpu_matmul_peaks: dict[str, float],
+           pytestconfig: pytest.Config) -> Ledger:
+    return Ledger(benchmark, ledger_device, cpu_matmul_peaks, bool(pytestconfig.getoption("--ledger-flush-l2")))
 
 
 def peak_memory(device: str, fn: Callable[[], object], model: torch.nn.Module | None = None,
