@@ -6,8 +6,8 @@ the CPU test parametrized by device, and the CUDA case is skipped with the reaso
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,13 +23,9 @@ def _cuda_available() -> bool:
 
 
 def _device_tag() -> str:
-    """A folder-safe name for this machine's accelerator: the GPU name, or ``cpu``."""
-    if _cuda_available():
-        import torch
+    from torchledger.measuring.machine import device_tag
 
-        name = torch.cuda.get_device_name(0)
-        return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "cuda"
-    return "cpu"
+    return device_tag()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -103,5 +99,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    root = Path(str(config.rootpath))
-    return [f"torchledger: device tag {_device_tag()!r}, results under {root / 'results'}"]
+    storage = Path(str(config.rootpath)) / "results" / _device_tag()
+    lines = [f"torchledger: runs of this machine are filed under {storage}"]
+    if getattr(config.option, "benchmark_compare", False) and not any(storage.glob("*/*.json")):
+        lines.append(f"torchledger: no saved run of this machine yet in {storage}: nothing to compare with; "
+                     "run once with --benchmark-autosave")
+    return lines
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
+    """Add what pytest-benchmark leaves out: the GPU (NVML), CUDA/cuDNN/torch versions, CPU model, cores, RAM."""
+    from torchledger.measuring.machine import describe_machine
+
+    machine_info["torchledger"] = describe_machine()
+
+
+def _gpu_names(machine_info: dict[str, Any]) -> list[str]:
+    return [str(g.get("name")) for g in machine_info.get("torchledger", {}).get("gpus", [])]
+
+
+def pytest_benchmark_compare_machine_info(config: pytest.Config, benchmarksession: Any, machine_info: dict[str, Any],
+                                          compared_benchmark: dict[str, Any]) -> None:
+    """Warn, loudly, when a run is compared with one from other hardware: the comparison means little."""
+    ours = machine_info.get("torchledger", {}).get("device_tag")
+    theirs = compared_benchmark.get("machine_info", {}).get("torchledger", {}).get("device_tag")
+    if ours != theirs or _gpu_names(machine_info) != _gpu_names(compared_benchmark.get("machine_info", {})):
+        benchmarksession.logger.warning(
+            f"comparing runs from different hardware: this run is {ours!r}, the saved one {theirs!r}; "
+            "differences measure the machines, not the change"
+        )

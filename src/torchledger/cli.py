@@ -123,6 +123,31 @@ def build_parser() -> argparse.ArgumentParser:
     mea.add_argument("--simulate", action="store_true",
                      help="measure under FakeTensorMode instead: nothing is allocated, any size runs")
     mea.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    reg = sub.add_parser(
+        "regress",
+        help="compare the newest benchmark run of each machine with its history; exit 1 on a regression",
+        description="Compare the newest run of each machine under PATH (a storage folder with one folder per "
+        "machine, or one machine's folder) with the median of its earlier runs. Exit status: 1 when something got "
+        "slower beyond threshold and noise, 0 otherwise, 2 on bad usage.",
+    )
+    reg.add_argument("path", metavar="PATH", nargs="+", help="results folder(s)")
+    reg.add_argument("--window", type=_positive_int, default=5, help="earlier runs in the baseline (default 5)")
+    reg.add_argument("--threshold", type=_positive_float, default=0.10,
+                     help="smallest relative change reported (default 0.10)")
+    reg.add_argument("--group-threshold", action="append", default=[], metavar="GROUP=FRACTION",
+                     help="a threshold for one benchmark group, e.g. dataloader=0.25 (repeatable)")
+    reg.add_argument("--sigmas", type=_positive_float, default=3.0,
+                     help="how far beyond the runs' own spread a change must be (default 3)")
+
+    rep = sub.add_parser(
+        "report",
+        help="merge the runs of several machines into a Markdown report with figures",
+        description="Merge the newest run of each machine under PATH... into DIR/report.md with PNG figures.",
+    )
+    rep.add_argument("path", metavar="PATH", nargs="+", help="results folder(s)")
+    rep.add_argument("-o", "--output", required=True, metavar="DIR", help="a new (or empty) folder for the report")
+    rep.add_argument("--reference", metavar="MACHINE", help="the machine speeds are relative to (default: first)")
     return parser
 
 
@@ -284,11 +309,60 @@ def _run_measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_history(paths: list[str]) -> dict[str, Any]:
+    import warnings
+
+    from torchledger.reporting.results import load_runs
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = load_runs(paths)
+    for w in caught:
+        print(f"torchledger: warning: {w.message}", file=sys.stderr)
+    if not history:
+        raise UsageError(f"torchledger: error: no benchmark runs under {', '.join(paths)}")
+    return history
+
+
+def _run_regress(args: argparse.Namespace) -> int:
+    from torchledger.reporting.regression import compare_history, markdown
+
+    groups: dict[str, float] = {}
+    for item in args.group_threshold:
+        name, _, value = item.partition("=")
+        try:
+            groups[name] = float(value)
+        except ValueError:
+            raise UsageError(f"torchledger regress: error: --group-threshold {item!r} is not GROUP=FRACTION") from None
+    history = _load_history(args.path)
+    comparisons = [compare_history(h, window=args.window, threshold=args.threshold, group_thresholds=groups,
+                                   sigmas=args.sigmas) for _, h in sorted(history.items())]
+    print(markdown(comparisons))
+    return EXIT_FAILURE if any(c.regressions for c in comparisons) else 0
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from torchledger.reporting.report import build_report
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("torchledger report: error: the figures need matplotlib (pip install 'torchledger[plots]')")
+    history = _load_history(args.path)
+    page = build_report(history, Path(args.output), reference=args.reference)
+    print(f"wrote {page}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 bad usage)."""
     try:
         args = build_parser().parse_args(argv)
-        return {"estimate": _run_estimate, "count": _run_count, "measure": _run_measure}[args.command](args)
+        commands = {"estimate": _run_estimate, "count": _run_count, "measure": _run_measure, "regress": _run_regress,
+                    "report": _run_report}
+        return commands[args.command](args)
     except UsageError as exc:
         print(str(exc), file=sys.stderr)
     except ValueError as exc:

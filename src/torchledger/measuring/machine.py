@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import platform
+import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,3 +27,63 @@ def device_name(device: str | torch.device) -> str:
     if dev.type == "cuda":
         return str(torch.cuda.get_device_name(dev))
     return cpu_model()
+
+
+def _nvml_gpus() -> list[dict[str, Any]]:
+    """Every GPU as NVML describes it: name, memory, driver, clocks, power limit, PCIe link. [] without NVML."""
+    try:
+        import pynvml  # type: ignore[import-untyped]
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return []
+    gpus = []
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            info: dict[str, Any] = {"index": i, "name": pynvml.nvmlDeviceGetName(h), "driver": driver}
+            queries: dict[str, Callable[[Any], Any]] = {
+                "memory_bytes": lambda h: pynvml.nvmlDeviceGetMemoryInfo(h).total,
+                "sm_clock_max_mhz": lambda h: pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM),
+                "memory_clock_max_mhz": lambda h: pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM),
+                "power_limit_w": lambda h: pynvml.nvmlDeviceGetPowerManagementLimit(h) / 1000,
+                "pcie_generation": lambda h: pynvml.nvmlDeviceGetCurrPcieLinkGeneration(h),
+                "pcie_width": lambda h: pynvml.nvmlDeviceGetCurrPcieLinkWidth(h),
+            }
+            for key, query in queries.items():
+                try:
+                    info[key] = query(h)
+                except pynvml.NVMLError:
+                    info[key] = None
+            gpus.append(info)
+    finally:
+        pynvml.nvmlShutdown()
+    return gpus
+
+
+def describe_machine() -> dict[str, Any]:
+    """What a benchmark run ran on: GPUs (NVML), CUDA, cuDNN and torch versions, the CPU, its cores and RAM."""
+    import psutil
+
+    cuda = torch.cuda.is_available()
+    return {
+        "device_tag": device_tag(),
+        "gpus": _nvml_gpus() if cuda else [],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "cpu_model": cpu_model(),
+        "cpu_cores_physical": psutil.cpu_count(logical=False),
+        "cpu_cores_logical": psutil.cpu_count(logical=True),
+        "ram_bytes": psutil.virtual_memory().total,
+    }
+
+
+def device_tag() -> str:
+    """A folder-safe name for this machine's accelerator, by which its runs are filed: ``cuda-<gpu name>`` or
+    ``cpu-<cpu model>`` (the same for every machine of that kind, so a nightly CI runner keeps one history)."""
+    name = "cuda-" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu-" + cpu_model()
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:80]
