@@ -349,7 +349,9 @@ def _run_report(args: argparse.Namespace) -> int:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise UsageError("torchledger report: error: the figures need matplotlib (pip install 'torchledger[plots]')") from None
+        raise UsageError(
+            "torchledger report: error: the figures need matplotlib (pip install 'torchledger[plots]')"
+        ) from None
     history = _load_history(args.path)
     page = build_report(history, Path(args.output), reference=args.reference)
     print(f"wrote {page}")
