@@ -11,7 +11,6 @@ import torch
 from benchmarks.performance.conftest import Ledger, peak_memory
 from torchledger.counting.hooks import sdpa_is_fused
 from torchledger.formulas import flops as F
-from torchledger.formulas.peak import mlp_train_peak_bytes, train_peak_bytes
 from torchledger.formulas.specs import MLPSpec, get_preset
 from torchledger.measuring.training import MemoryCase
 from torchledger.workloads.models import MLP, quantize_int8
@@ -79,19 +78,14 @@ RECIPES = ["32-true", "16-mixed", "bf16-mixed"]
 def _step_case(workload: str, sizes: dict[str, Any], recipe: str) -> MemoryCase:
     config = TrainConfig(recipe, "adamw", "foreach")
     if workload == "mlp":
-        return MemoryCase("mlp", sizes["mlp_batch"], config)
+        return MemoryCase("mlp", sizes["mlp_batch"], config, mlp=MLPSpec(sizes["mlp"]))
     return MemoryCase(sizes["gpt"], sizes["gpt_batch"], config, seq_len=sizes["gpt_seq"])
 
 
 @pytest.mark.benchmark(group="precision")
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("workload", ["mlp", "gpt"])
-def test_train_step(ledger: Ledger, sizes: dict[str, Any], workload: str, recipe: str,
-                    monkeypatch: pytest.MonkeyPatch) -> None:
-    if workload == "mlp":
-        import torchledger.measuring.training as training
-
-        monkeypatch.setattr(training, "MLP_SPEC", MLPSpec(sizes["mlp"]))
+def test_train_step(ledger: Ledger, sizes: dict[str, Any], workload: str, recipe: str) -> None:
     case = _step_case(workload, sizes, recipe)
     device = ledger.device
     model, step, batches = case.build(device)
@@ -105,15 +99,13 @@ def test_train_step(ledger: Ledger, sizes: dict[str, Any], workload: str, recipe
     rel_error = _rel_error(out.float(), ref.double())
     del ref_model, ref_step, out, ref
     if workload == "mlp":
-        spec = MLPSpec(sizes["mlp"])
-        flops = F.mlp_flops(spec, case.batch).train
-        predicted = mlp_train_peak_bytes(spec, case.batch, recipe=recipe).peak
+        flops = F.mlp_flops(case.mlp, case.batch).train
     else:
         gpt = get_preset(sizes["gpt"])
         q = torch.empty(case.batch, gpt.n_heads, case.seq_len, gpt.head_dim, device=device, requires_grad=True)
         fused = sdpa_is_fused(q, q, q, is_causal=True)  # a fused kernel recomputes QK^T in the backward
         flops = F.model_flops(gpt, case.batch, case.seq_len, recompute_attention_scores=fused).train
-        predicted = train_peak_bytes(gpt, case.batch, case.seq_len, recipe=recipe).peak
+    predicted = case.predict().peak
 
     def run() -> None:
         step.step(batches)

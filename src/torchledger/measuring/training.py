@@ -42,6 +42,8 @@ class MemoryCase:
     config: TrainConfig
     seq_len: int = 0  # transformers only
     spec: ModelSpec | None = None  # a transformer spec not among the presets (read from a config.json)
+    mlp: MLPSpec = MLP_SPEC  # the shapes of the mlp workload
+    cnn: CNNSpec = CNN_SPEC  # the shapes of the cnn workload
 
     def transformer_spec(self) -> ModelSpec:
         return self.spec if self.spec is not None else get_preset(self.workload)
@@ -51,9 +53,9 @@ class MemoryCase:
         common = {"recipe": c.precision, "optimizer": c.optimizer, "grad_accum": c.grad_accum,
                   "optimizer_impl": c.optimizer_impl}
         if self.workload == "mlp":
-            return mlp_train_peak_bytes(MLP_SPEC, self.batch, **common)  # type: ignore[arg-type]
+            return mlp_train_peak_bytes(self.mlp, self.batch, **common)  # type: ignore[arg-type]
         if self.workload == "cnn":
-            return cnn_train_peak_bytes(CNN_SPEC, self.batch, **common)  # type: ignore[arg-type]
+            return cnn_train_peak_bytes(self.cnn, self.batch, **common)  # type: ignore[arg-type]
         return train_peak_bytes(self.transformer_spec(), self.batch, self.seq_len, checkpointing=c.checkpointing,
                                 **common)  # type: ignore[arg-type]
 
@@ -78,12 +80,12 @@ class MemoryCase:
             if self.config.checkpointing != "none":
                 raise ValueError(f"checkpointing={self.config.checkpointing!r}: the {self.workload} has no blocks")
             if self.workload == "mlp":
-                model, loss_fn = MLP(MLP_SPEC, device=device), classifier_loss
-                shape, classes = (self.batch, MLP_SPEC.dims[0]), MLP_SPEC.dims[-1]
+                model, loss_fn = MLP(self.mlp, device=device), classifier_loss
+                shape, classes = (self.batch, self.mlp.dims[0]), self.mlp.dims[-1]
             else:
-                model, loss_fn = CNN(CNN_SPEC, device=device), classifier_loss
-                shape = (self.batch, CNN_SPEC.in_channels, CNN_SPEC.image_size, CNN_SPEC.image_size)
-                classes = CNN_SPEC.n_classes
+                model, loss_fn = CNN(self.cnn, device=device), classifier_loss
+                shape = (self.batch, self.cnn.in_channels, self.cnn.image_size, self.cnn.image_size)
+                classes = self.cnn.n_classes
             batches = [
                 (torch.randn(*shape, generator=gen).to(device=device, dtype=dtype),
                  torch.randint(0, classes, (self.batch,), generator=gen).to(device))
