@@ -14,6 +14,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from torchledger.formulas.hardware import lookup_device
 from torchledger.reporting.results import Run
@@ -60,12 +61,18 @@ def _ceilings(run: Run) -> tuple[dict[str, float], float | None]:
     return peaks, bandwidth
 
 
-def _plot_speed(group: str, names: list[str], speed: dict[str, list[float | None]], out: Path) -> None:
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the non-interactive Agg backend (reports are files, never windows)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _plot_speed(group: str, names: list[str], speed: dict[str, list[float | None]], out: Path) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, max(3.0, 0.35 * len(names) + 1.5)))
     height = 0.8 / max(len(speed), 1)
     for i, (machine, values) in enumerate(speed.items()):
@@ -83,11 +90,7 @@ def _plot_speed(group: str, names: list[str], speed: dict[str, list[float | None
 
 
 def _plot_roofline(runs: dict[str, Run], out: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
     drew = False
     for i, (tag, run) in enumerate(runs.items()):
@@ -119,11 +122,7 @@ def _plot_roofline(runs: dict[str, Run], out: Path) -> bool:
 
 
 def _plot_memory(runs: dict[str, Run], out: Path) -> list[tuple[str, str, int, int]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = [(tag, r.name, int(r.extra_info["predicted_memory"]), int(r.extra_info["peak_memory"]))
             for tag, run in runs.items() for r in run.results.values()
             if r.extra_info.get("predicted_memory") and r.extra_info.get("peak_memory")]
