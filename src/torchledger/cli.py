@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from torchledger.formulas.distributed import SHARDINGS
 from torchledger.formulas.estimate import OPTIMIZERS, Estimate, estimate
 from torchledger.formulas.memory import RECIPES
 from torchledger.formulas.specs import PRESETS, ModelSpec, check_seq_len, get_preset, spec_from_hf_config
@@ -88,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(est)
     add_step_arguments(est, list(RECIPES))
+    est.add_argument("--world-size", type=_positive_int, default=1, help="data-parallel ranks (default 1)")
+    est.add_argument("--sharding", choices=list(SHARDINGS), default="ddp",
+                     help="how model states are split across ranks (default ddp)")
     est.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
     cnt = sub.add_parser(
@@ -175,6 +179,9 @@ def _estimate_table(e: Estimate) -> str:
         ("peak of the step", f"{format_bytes(m['peak_train'])} (in the {m['peak_phase']} phase)"),
         ("KV cache (inference)", format_bytes(m["kv_cache"])),
     ]
+    if e.world_size > 1:
+        rows[10:10] = [("ranks", f"{e.world_size}, {e.sharding} (memory per rank)")]
+        rows += [(f"sent per rank per step: {k}", format_bytes(v)) for k, v in d["communication"].items()]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" if k else "" for k, v in rows)
 
@@ -189,6 +196,8 @@ def _run_estimate(args: argparse.Namespace) -> int:
         optimizer=args.optimizer,
         checkpointing=args.checkpointing,
         grad_accum=args.grad_accum,
+        world_size=args.world_size,
+        sharding=args.sharding,
     )
     print(json.dumps(result.to_dict()) if args.json else _estimate_table(result))
     return 0

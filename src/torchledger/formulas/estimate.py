@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from torchledger.formulas._validate import one_of, positive_int
+from torchledger.formulas.distributed import SHARDINGS, ShardedStates, communication_bytes, sharded_state_bytes
 from torchledger.formulas.flops import ModelFlops, model_flops
-from torchledger.formulas.memory import get_recipe, kv_cache_bytes
+from torchledger.formulas.memory import dtype_bytes, get_recipe, kv_cache_bytes
 from torchledger.formulas.peak import TrainPeak, train_peak_bytes
-from torchledger.formulas.specs import ModelSpec, check_seq_len, n_params
+from torchledger.formulas.specs import ModelSpec, check_seq_len, n_params, param_counts
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 
@@ -28,6 +29,32 @@ class Estimate:
     flops: ModelFlops
     peak: TrainPeak
     kv_cache: int
+    world_size: int = 1
+    sharding: str = "ddp"
+    sharded: ShardedStates | None = None
+    communication: dict[str, int] | None = None
+
+    @property
+    def phases_per_rank(self) -> dict[str, int]:
+        """The step's phases on one rank: each rank's share of the model states in place of the whole, DDP's
+        gradient buckets added, one block's parameters gathered under ``zero3``/``fsdp``, and the optimizer's
+        temporaries shrunk with its sharded state. NB: activations and their transients as on one device."""
+        phases = dict(self.peak.phases)
+        if self.sharded is None:
+            return phases
+        full, mine = self.peak.states, self.sharded.states
+        persistent = full.params + full.master_params + full.optimizer
+        delta = mine.params + mine.master_params + mine.optimizer - persistent + self.sharded.buckets
+        if self.sharding in ("zero3", "fsdp", "fsdp-grad-op"):
+            delta += param_counts(self.spec).per_layer * dtype_bytes(get_recipe(self.precision).param_dtype)
+        temps = phases["optimizer"] - persistent - full.grads - self.peak.buffers
+        if self.sharding != "ddp":
+            phases["optimizer"] += -(-temps // self.world_size) - temps
+        phases["optimizer"] += mine.grads - full.grads
+        if self.grad_accum > 1:
+            phases["forward"] += mine.grads - full.grads
+            phases["backward"] += mine.grads - full.grads
+        return {k: v + delta for k, v in phases.items()}
 
     @property
     def train_step_flops(self) -> int:
@@ -35,7 +62,7 @@ class Estimate:
 
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` contract: integers exact, bytes in bytes (keys are stable; new ones are only added)."""
-        states = self.peak.states
+        states = self.sharded.states if self.sharded is not None else self.peak.states
         acts = self.peak.activations
         return {
             "model": self.spec.name,
@@ -60,10 +87,14 @@ class Estimate:
                 "optimizer": states.optimizer,
                 "activations": acts.saved,
                 "kv_cache": self.kv_cache,
-                "peak_train": self.peak.peak,
-                "peak_phase": self.peak.phase,
-                "phases": dict(self.peak.phases),
+                "peak_train": max(self.phases_per_rank.values()),
+                "peak_phase": max(self.phases_per_rank, key=lambda k: self.phases_per_rank[k]),
+                "phases": self.phases_per_rank,
+                "ddp_buckets": self.sharded.buckets if self.sharded is not None else 0,
             },
+            "world_size": self.world_size,
+            "sharding": self.sharding,
+            "communication": dict(self.communication or {}),
         }
 
 
@@ -76,11 +107,14 @@ def estimate(
     optimizer: str = "adamw",
     checkpointing: str = "none",
     grad_accum: int = 1,
+    world_size: int = 1,
+    sharding: str = "ddp",
 ) -> Estimate:
     """Cost one optimizer step of ``spec``: FLOPs (forward, backward, recompute) and memory (states, peak).
 
     ``batch`` is the micro-batch; ``grad_accum`` micro-batches make one step. The KV cache is for inference at the
-    same batch and sequence length, in the recipe's compute dtype.
+    same batch and sequence length, in the recipe's compute dtype. With ``world_size > 1`` the memory figures are
+    per rank under ``sharding`` and ``communication`` gives the bytes each rank sends per step, by collective.
     """
     positive_int("batch_size", batch)
     check_seq_len(spec, seq_len)
@@ -88,6 +122,17 @@ def estimate(
     recipe = get_recipe(precision)
     one_of("optimizer", optimizer, OPTIMIZERS)
     one_of("checkpointing", checkpointing, ("none", "full"))
+    positive_int("world_size", world_size)
+    one_of("sharding", sharding, SHARDINGS)
+    n = n_params(spec)
+    sharded = communication = None
+    if world_size > 1:
+        sharded = sharded_state_bytes(n, recipe=precision, optimizer=optimizer, world_size=world_size,
+                                      sharding=sharding)
+        counts = param_counts(spec)
+        # one FSDP unit per block; the root unit holds the embeddings, the final norm and the head
+        communication = communication_bytes(n, recipe=precision, world_size=world_size, sharding=sharding,
+                                            root_params=n - counts.layers)
     return Estimate(
         spec=spec, batch=batch, seq_len=seq_len, precision=precision, optimizer=optimizer,
         checkpointing=checkpointing, grad_accum=grad_accum,
@@ -95,4 +140,5 @@ def estimate(
         peak=train_peak_bytes(spec, batch, seq_len, recipe=precision, optimizer=optimizer,
                               checkpointing=checkpointing, grad_accum=grad_accum),
         kv_cache=kv_cache_bytes(spec, batch, seq_len, recipe.compute_dtype),
+        world_size=world_size, sharding=sharding, sharded=sharded, communication=communication,
     )

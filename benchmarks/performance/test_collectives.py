@@ -1,0 +1,45 @@
+"""All-reduce bandwidth against message size, as nccl-tests reports it (algorithm and bus bandwidth): NCCL across
+the GPUs of this node when it has two or more, gloo across two CPU processes otherwise (the small profile)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from benchmarks.performance.conftest import Ledger
+from benchmarks.verification.dist_worker import collective_sweep
+from torchledger.formulas.distributed import bus_bandwidth
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.benchmark(group="collectives")
+@pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=pytest.mark.cuda)])
+def test_all_reduce_sweep(ledger: Ledger, ledger_size: str, backend: str, tmp_path: Path) -> None:
+    if backend == "nccl" and torch.cuda.device_count() < 2:
+        pytest.skip(f"NCCL all-reduce needs 2 or more GPUs; this machine has {torch.cuda.device_count()}")
+    world = torch.cuda.device_count() if backend == "nccl" else 2
+    top = 2**30 if ledger_size == "full" else 2**22
+    sizes = [2**k for k in range(10, top.bit_length(), 2)]
+
+    def sweep() -> None:
+        mp.start_processes(collective_sweep, args=(world, _port(), backend, sizes, str(tmp_path)), nprocs=world,
+                           start_method="spawn", join=True)
+
+    ledger.time(sweep, rounds=1, warmup=0, events=False, backend=backend, world_size=world)
+    medians: dict[str, Any] = json.loads((tmp_path / "sweep.json").read_text())
+    table = []
+    for size, seconds in medians.items():
+        algbw = int(size) / seconds
+        table.append({"bytes": int(size), "seconds": seconds, "algbw": algbw, "busbw": bus_bandwidth(algbw, world)})
+    ledger.record(all_reduce=table, peak_busbw=max(row["busbw"] for row in table))

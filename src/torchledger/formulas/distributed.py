@@ -1,0 +1,159 @@
+"""Sharded training: per-rank model-state memory and the bytes each rank sends per optimizer step.
+
+Sharding schemes (Rajbhandari et al. 2020, ZeRO, Sec. 5; PyTorch FSDP):
+
+- ``ddp``: every rank holds everything; gradients are all-reduced (in buckets that DDP allocates once, as large
+  as the gradients, unless ``gradient_as_bucket_view=True``).
+- ``zero1``: optimizer state (and fp32 master weights) sharded.
+- ``zero2``: gradients sharded too (reduce-scatter instead of all-reduce).
+- ``zero3`` / ``fsdp`` (FULL_SHARD): parameters sharded too; each unit's parameters are all-gathered for its
+  forward and again for its backward.
+- ``fsdp-grad-op`` (SHARD_GRAD_OP): parameters all-gathered once per step and kept until the backward is done.
+
+Collectives move data as ring algorithms do (Patarasuk and Yuan 2009; nccl-tests' "bus bandwidth"): for a tensor of
+S bytes over N ranks, all-reduce sends 2 (N - 1) / N x S bytes per rank, reduce-scatter and all-gather (N - 1) / N x S
+each. Shards are ceil(elements / N): the flat buffers pad to a multiple of N, as ZeRO and FSDP do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+from torchledger.formulas._validate import one_of, positive_int, positive_number
+from torchledger.formulas.memory import ModelStates, dtype_bytes, get_recipe, model_state_bytes
+
+SHARDINGS = ("ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp-grad-op")
+
+
+def all_reduce_bytes(size: int, world_size: int) -> int:
+    """Bytes one rank sends in a ring all-reduce of ``size`` bytes: 2 (N - 1) / N x size (rounded up)."""
+    return _ring(2 * size, world_size)
+
+
+def reduce_scatter_bytes(size: int, world_size: int) -> int:
+    """Bytes one rank sends in a ring reduce-scatter of a ``size``-byte input: (N - 1) / N x size."""
+    return _ring(size, world_size)
+
+
+def all_gather_bytes(size: int, world_size: int) -> int:
+    """Bytes one rank sends in a ring all-gather whose output is ``size`` bytes: (N - 1) / N x size."""
+    return _ring(size, world_size)
+
+
+def _ring(size: int, world_size: int) -> int:
+    if size < 0:
+        raise ValueError(f"size={size} must be >= 0")
+    n = positive_int("world_size", world_size)
+    share = Fraction(size * (n - 1), n)
+    return -(-share.numerator // share.denominator)
+
+
+def shard_elements(n_elements: int, world_size: int) -> int:
+    """Elements per rank of a flat buffer of ``n_elements`` sharded over ``world_size`` ranks (padded up)."""
+    positive_int("n_elements", n_elements)
+    n = positive_int("world_size", world_size)
+    if n > n_elements:
+        raise ValueError(f"world_size={n} exceeds the {n_elements} elements to shard: some ranks would hold nothing")
+    return -(-n_elements // n)
+
+
+@dataclass(frozen=True)
+class ShardedStates:
+    """One rank's model states under a sharding scheme, plus what the scheme adds (DDP's gradient buckets)."""
+
+    states: ModelStates
+    buckets: int
+    sharding: str
+    world_size: int
+
+    @property
+    def total(self) -> int:
+        return self.states.total + self.buckets
+
+
+def sharded_state_bytes(n_params: int, *, recipe: str = "32-true", optimizer: str = "adamw", world_size: int = 1,
+                        sharding: str = "ddp", gradient_as_bucket_view: bool = False) -> ShardedStates:
+    """Per-rank bytes of parameters, gradients, master weights and optimizer state (at rest, between steps).
+
+    Check (ZeRO, Fig. 1, 7.5B parameters, mixed precision Adam, 64 GPUs): ``zero1`` 31.4 GB, ``zero2`` 16.6 GB,
+    ``zero3`` 1.9 GB per GPU, from 120 GB with ``ddp``.
+    """
+    one_of("sharding", sharding, SHARDINGS)
+    n = positive_int("world_size", world_size)
+    full = model_state_bytes(n_params, recipe, optimizer)
+    shard = model_state_bytes(shard_elements(n_params, n), recipe, optimizer)
+    params, grads = full.params, full.grads
+    master, opt = full.master_params, full.optimizer
+    if sharding != "ddp":
+        master, opt = shard.master_params, shard.optimizer
+    if sharding in ("zero2", "zero3", "fsdp", "fsdp-grad-op"):
+        grads = shard.grads
+    if sharding in ("zero3", "fsdp", "fsdp-grad-op"):
+        params = shard.params
+    buckets = full.grads if sharding == "ddp" and not gradient_as_bucket_view and n > 1 else 0
+    return ShardedStates(ModelStates(params, grads, master, opt), buckets, sharding, n)
+
+
+def collective_payloads(n_params: int, *, recipe: str = "32-true", world_size: int = 2, sharding: str = "ddp",
+                        root_params: int = 0) -> dict[str, int]:
+    """Bytes handed to each kind of collective per optimizer step (the gathered output of an all-gather, the full
+    input of a reduce-scatter or all-reduce), summed over the step's calls.
+
+    ``ddp``, ``zero1``: all-reduce of the gradients (ZeRO-1 then updates its shard and all-gathers the parameters).
+    ``zero2``: reduce-scatter of the gradients, all-gather of the updated parameters. ``zero3``/``fsdp``: all-gather
+    of every unit's parameters for the forward and again for the backward, except the root unit's
+    (``root_params``: FSDP2 keeps the root's parameters gathered from forward to backward), and reduce-scatter of
+    the gradients (ZeRO's 3 psi). ``fsdp-grad-op``: one all-gather, one reduce-scatter.
+    NB: one micro-batch; with accumulation DDP and ZeRO-1/2 reduce once per step, FSDP gathers per micro-batch.
+    """
+    one_of("sharding", sharding, SHARDINGS)
+    n = positive_int("world_size", world_size)
+    r = get_recipe(recipe)
+    padded = shard_elements(n_params, n) * n
+    grads = padded * dtype_bytes(r.grad_dtype)
+    params = padded * dtype_bytes(r.param_dtype)
+    if sharding == "ddp":
+        return {"all_reduce": n_params * dtype_bytes(r.grad_dtype)}
+    if sharding == "zero1":
+        return {"all_reduce": grads, "all_gather": params}
+    if sharding == "zero2":
+        return {"reduce_scatter": grads, "all_gather": params}
+    if sharding == "fsdp-grad-op":
+        return {"all_gather": params, "reduce_scatter": grads}
+    if not 0 <= root_params <= n_params:
+        raise ValueError(f"root_params={root_params} must be between 0 and n_params={n_params}")
+    root = root_params * dtype_bytes(r.param_dtype)
+    return {"all_gather": 2 * params - root, "reduce_scatter": grads}
+
+
+def communication_bytes(n_params: int, *, recipe: str = "32-true", world_size: int = 1, sharding: str = "ddp",
+                        root_params: int = 0) -> dict[str, int]:
+    """Bytes one rank sends per optimizer step, by collective: :func:`collective_payloads` through the ring
+    algorithms' send volumes. Empty for one rank."""
+    if positive_int("world_size", world_size) == 1:
+        return {}
+    send = {"all_reduce": all_reduce_bytes, "all_gather": all_gather_bytes, "reduce_scatter": reduce_scatter_bytes}
+    payloads = collective_payloads(n_params, recipe=recipe, world_size=world_size, sharding=sharding,
+                                   root_params=root_params)
+    return {name: send[name](size, world_size) for name, size in payloads.items()}
+
+
+def communication_seconds(bytes_sent: int, link_bandwidth: float, *, world_size: int = 2,
+                          latency: float = 0.0, steps: int | None = None) -> float:
+    """Time to send ``bytes_sent`` per rank over a link of ``link_bandwidth`` bytes/s, plus ``latency`` per ring step
+    (2 (N - 1) steps for an all-reduce unless ``steps`` is given): the alpha-beta model."""
+    positive_number("link_bandwidth", link_bandwidth)
+    n = positive_int("world_size", world_size)
+    ring_steps = 2 * (n - 1) if steps is None else steps
+    return bytes_sent / link_bandwidth + latency * ring_steps
+
+
+def bus_bandwidth(algorithm_bandwidth: float, world_size: int, collective: str = "all_reduce") -> float:
+    """nccl-tests' bus bandwidth from algorithm bandwidth (size / time): x 2(N-1)/N for all-reduce, x (N-1)/N for
+    all-gather and reduce-scatter."""
+    n = positive_int("world_size", world_size)
+    factor = {"all_reduce": Fraction(2 * (n - 1), n), "all_gather": Fraction(n - 1, n),
+              "reduce_scatter": Fraction(n - 1, n)}[one_of("collective", collective,
+                                                              ("all_reduce", "all_gather", "reduce_scatter"))]
+    return algorithm_bandwidth * float(factor)
