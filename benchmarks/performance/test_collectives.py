@@ -4,6 +4,7 @@ the GPUs of this node when it has two or more, gloo across two CPU processes oth
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -43,3 +44,31 @@ def test_all_reduce_sweep(ledger: Ledger, ledger_size: str, backend: str, tmp_pa
         algbw = int(size) / seconds
         table.append({"bytes": int(size), "seconds": seconds, "algbw": algbw, "busbw": bus_bandwidth(algbw, world)})
     ledger.record(all_reduce=table, peak_busbw=max(row["busbw"] for row in table))
+
+
+@pytest.mark.benchmark(group="collectives")
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+@pytest.mark.parametrize("world", [1, 2])
+def test_data_parallel_step_vs_world_size(ledger: Ledger, sizes: dict[str, Any], sharding: str, world: int,
+                                          tmp_path: Path) -> None:
+    """One GPT step per rank under DDP or FSDP2, launched with torchrun: NCCL over GPUs when there are enough,
+    gloo over CPU processes otherwise. Weak scaling: each rank keeps the per-rank batch. The timed call is the whole
+    launch (interpreter and torch start-up included); the step itself is ``step_median_s`` in extra_info."""
+    import subprocess
+    import sys
+
+    if ledger.cuda and torch.cuda.device_count() < world:
+        pytest.skip(f"world size {world} needs {world} GPUs; this machine has {torch.cuda.device_count()}")
+    script = Path(__file__).with_name("dist_step.py")
+    out = tmp_path / "step.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", str(script),
+           "--sharding", sharding, "--preset", sizes["gpt"], "--batch", str(sizes["gpt_batch"]),
+           "--seq-len", str(sizes["gpt_seq"]), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if not ledger.cuda else dict(os.environ)
+
+    def launch() -> None:
+        subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+
+    ledger.time(launch, rounds=1, warmup=0, events=False, sharding=sharding, world_size=world)
+    result = json.loads(out.read_text())
+    ledger.record(step_median_s=result["median_s"], tokens_per_step=world * sizes["gpt_batch"] * sizes["gpt_seq"])
