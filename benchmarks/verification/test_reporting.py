@@ -119,3 +119,13 @@ def test_report_merges_machines(tmp_path: Path, capsys: pytest.CaptureFixture[st
     # a report never overwrites: the same -o again is refused, the first report intact
     assert main(["report", str(results), "-o", str(out)]) == 2
     assert (out / "report.md").read_text() == page
+
+
+def test_too_short_a_history_is_not_judged(tmp_path: Path) -> None:
+    # one earlier run gives no noise estimate: a 50% change is listed as unjudged, not as a regression
+    write_run(tmp_path, 0, dict.fromkeys(BENCHES, 1e-3))
+    write_run(tmp_path, 1, dict.fromkeys(BENCHES, 1.5e-3))
+    assert main(["regress", str(tmp_path)]) == 0
+    (comparison,) = [compare_history(h) for h in load_runs([tmp_path]).values()]
+    assert comparison.findings == [] and len(comparison.short_history) == len(BENCHES)
+    assert main(["regress", str(tmp_path), "--min-history", "1"]) == 1

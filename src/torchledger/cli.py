@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a threshold for one benchmark group, e.g. dataloader=0.25 (repeatable)")
     reg.add_argument("--sigmas", type=_positive_float, default=3.0,
                      help="how far beyond the runs' own spread a change must be (default 3)")
+    reg.add_argument("--min-history", type=_positive_int, default=3,
+                     help="earlier runs a benchmark needs before it is judged (default 3)")
 
     rep = sub.add_parser(
         "report",
@@ -345,7 +347,8 @@ def _run_regress(args: argparse.Namespace) -> int:
             raise UsageError(f"torchledger regress: error: --group-threshold {item!r} is not GROUP=FRACTION") from None
     history = _load_history(args.path)
     comparisons = [compare_history(h, window=args.window, threshold=args.threshold, group_thresholds=groups,
-                                   sigmas=args.sigmas) for _, h in sorted(history.items())]
+                                   sigmas=args.sigmas, min_history=args.min_history)
+                   for _, h in sorted(history.items())]
     print(markdown(comparisons))
     return EXIT_FAILURE if any(c.regressions for c in comparisons) else 0
 

@@ -4,7 +4,8 @@ The newest run is compared with a baseline made from the earlier runs of the sam
 medians over the last ``window`` runs. A change is reported only when it is both large (more than the group's
 threshold, 10% by default: TorchBench treats deltas under about 7% as noise on tuned machines, asv defaults to 5%)
 and clear of the noise (more than ``sigmas`` times the combined spread: the history's robust standard deviation,
-1.4826 x MAD, and the newest run's own, IQR / 1.349).
+1.4826 x MAD, and the newest run's own, IQR / 1.349). A benchmark with fewer than ``min_history`` earlier runs has
+no noise estimate yet and is listed as such, never as a regression.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Comparison:
     findings: list[Finding]
     stable: int
     unseen: list[str]
+    short_history: list[str]
 
     @property
     def regressions(self) -> list[Finding]:
@@ -49,7 +51,8 @@ class Comparison:
 
 
 def compare_history(history: list[Run], *, window: int = 5, threshold: float = 0.10,
-                    group_thresholds: dict[str, float] | None = None, sigmas: float = 3.0) -> Comparison:
+                    group_thresholds: dict[str, float] | None = None, sigmas: float = 3.0,
+                    min_history: int = 3) -> Comparison:
     """Compare the newest run of ``history`` (oldest first, one machine) with the ``window`` runs before it."""
     if not history:
         raise ValueError("history is empty: no runs to compare")
@@ -61,10 +64,14 @@ def compare_history(history: list[Run], *, window: int = 5, threshold: float = 0
     findings: list[Finding] = []
     stable = 0
     unseen: list[str] = []
+    short: list[str] = []
     for name, result in sorted(newest.results.items()):
         values = [run.results[name].median for run in previous if name in run.results]
         if not values:
             unseen.append(name)
+            continue
+        if len(values) < min_history:
+            short.append(name)
             continue
         base = statistics.median(values)
         mad = statistics.median(abs(v - base) for v in values)
@@ -81,7 +88,7 @@ def compare_history(history: list[Run], *, window: int = 5, threshold: float = 0
         else:
             findings.append(Finding(name, result.group, kind, base, result.median, noise, len(values)))
     return Comparison(machine=newest.machine, newest=newest, baseline_runs=len(previous), findings=findings,
-                      stable=stable, unseen=unseen)
+                      stable=stable, unseen=unseen, short_history=short)
 
 
 def _seconds(x: float) -> str:
@@ -113,6 +120,7 @@ def markdown(comparisons: list[Comparison]) -> str:
                              f"{_seconds(f.noise)} |")
             lines.append("")
         lines.append(f"{len(c.regressions)} regression(s), {len(c.findings) - len(c.regressions)} improvement(s), "
-                     f"{c.stable} unchanged within noise, {len(c.unseen)} new benchmark(s) without history.")
+                     f"{c.stable} unchanged within noise, {len(c.short_history)} with too short a history to judge, "
+                     f"{len(c.unseen)} new benchmark(s) without history.")
         lines.append("")
     return "\n".join(lines)
