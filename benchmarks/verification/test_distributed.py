@@ -136,6 +136,13 @@ def test_fsdp2_two_gloo_ranks(tmp_path: Path, workload: str) -> None:
         assert rank["collective_payload"] == D.collective_payloads(n, world_size=2, sharding="fsdp", root_params=root)
         after = rank["states_after_step"]
         assert after == {"params": states.states.params, "grads": 0, "optimizer": states.states.optimizer}
+        # at the measured peak, too, each rank holds only its shards (plus Adam's fp32 step counters), except the
+        # root unit's parameters, which FSDP2 keeps gathered from the forward to the backward
+        breakdown = rank["peak_breakdown"]
+        assert isinstance(breakdown, dict)
+        assert breakdown["params"] == states.states.params + root * 4 // 2
+        tensors = 6 if workload == "mlp" else 28
+        assert breakdown["optimizer"] == states.states.optimizer + 4 * tensors
 
 
 def test_a_dying_rank_is_named_not_a_hang() -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
 CATEGORIES = ("params", "grads", "optimizer", "activations", "temporaries")
@@ -42,6 +42,17 @@ class MemoryMeasurement:
 
 def _storage_of(t: Tensor) -> Any:
     return t.untyped_storage()
+
+
+def _plain_tensors(t: Tensor) -> list[Tensor]:
+    """The tensors that own memory: a wrapper subclass (DTensor, FSDP2's sharded parameters) holds inner tensors,
+    and its own storage reports the global shape, not the bytes this process holds."""
+    wrapper: Any = t
+    if is_traceable_wrapper_subclass(wrapper):
+        attrs, _ = wrapper.__tensor_flatten__()
+        inner = (getattr(wrapper, a) for a in attrs)
+        return [leaf for x in inner if isinstance(x, Tensor) for leaf in _plain_tensors(x)]
+    return [t]
 
 
 class StorageTracker(TorchDispatchMode):
@@ -65,6 +76,10 @@ class StorageTracker(TorchDispatchMode):
 
     # -- storage bookkeeping
     def _add(self, t: Tensor) -> None:
+        for leaf in _plain_tensors(t):
+            self._add_plain(leaf)
+
+    def _add_plain(self, t: Tensor) -> None:
         st = _storage_of(t)
         key = st._cdata
         if key in self._live:
@@ -89,7 +104,7 @@ class StorageTracker(TorchDispatchMode):
 
     def _categorize(self) -> dict[str, int]:
         def keys(tensors: Iterable[Tensor | None]) -> set[int]:
-            return {_storage_of(t)._cdata for t in tensors if isinstance(t, Tensor)}
+            return {_storage_of(leaf)._cdata for t in tensors if isinstance(t, Tensor) for leaf in _plain_tensors(t)}
 
         params: set[int] = set()
         grads: set[int] = set()
@@ -138,9 +153,10 @@ class StorageTracker(TorchDispatchMode):
         return out
 
     def _pack(self, t: Tensor) -> Tensor:
-        key = _storage_of(t)._cdata
-        if key in self._live:
-            self._saved.add(key)
+        for leaf in _plain_tensors(t):
+            key = _storage_of(leaf)._cdata
+            if key in self._live:
+                self._saved.add(key)
         return t
 
     def __enter__(self) -> StorageTracker:
