@@ -82,12 +82,30 @@ class StorageTracker(TorchDispatchMode):
     def _add_plain(self, t: Tensor) -> None:
         st = _storage_of(t)
         key = st._cdata
-        if key in self._live:
-            return
         size = int(st.nbytes())
+        if key in self._live:
+            if size != self._live[key]:  # grown back in place (resize_) and written by this op
+                self.current += size - self._live[key]
+                self._live[key] = size
+                self._maybe_peak()
+            return
         self._live[key] = size
         self._refs[key] = weakref.ref(st, self._on_collect(key))
         self.current += size
+        self._maybe_peak()
+
+    def _maybe_peak(self) -> None:
+        if self.current <= self.peak:
+            return
+        # Storages can shrink in place without an op (FSDP2 frees unsharded parameters with resize_(0)): re-read
+        # every live size before taking a new peak.
+        total = 0
+        for key, ref in self._refs.items():
+            st = ref()
+            if st is not None:
+                self._live[key] = int(st.nbytes())
+                total += self._live[key]
+        self.current = total
         if self.current > self.peak:
             self.peak = self.current
             self.peak_breakdown = self._categorize()
