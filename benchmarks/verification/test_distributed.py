@@ -13,6 +13,8 @@ import torch.multiprocessing as mp
 from benchmarks.verification.dist_worker import run_rank
 from torchledger.cli import main
 from torchledger.formulas import distributed as D
+from torchledger.formulas.activations import activation_bytes, mlp_activation_bytes
+from torchledger.formulas.memory import optimizer_step_temp_bytes
 from torchledger.formulas.peak import mlp_train_peak_bytes, train_peak_bytes
 from torchledger.formulas.specs import MLPSpec, get_preset, param_counts
 
@@ -126,11 +128,23 @@ def test_ddp_two_gloo_ranks(tmp_path: Path, workload: str) -> None:
 @pytest.mark.parametrize("workload", ["mlp", "gpt-tiny"])
 def test_fsdp2_two_gloo_ranks(tmp_path: Path, workload: str) -> None:
     ranks = _run_two_ranks("fsdp", workload, tmp_path)
+    temps = optimizer_step_temp_bytes  # foreach AdamW: one state-sized buffer
     if workload == "mlp":
-        n, root = MLPSpec((256, 1024, 1024, 256)).n_params, 0  # every Linear is a unit; the root holds nothing
+        spec = MLPSpec((256, 1024, 1024, 256))
+        n, root = spec.n_params, 0  # every Linear is a unit; the root holds nothing
+        units = [a * b + b for a, b in zip(spec.dims, spec.dims[1:], strict=False)]
+        acts = mlp_activation_bytes(spec, 8)
+        phases = D.fsdp_step_phases(n, units, root, saved=acts.saved, saved_per_unit=0, logits=acts.logits,
+                                    head_grads=2 * 8 * 256 * 4, optimizer_temps=temps(n, 1), world_size=2)
     else:
-        counts = param_counts(get_preset(workload))
+        gpt = get_preset(workload)
+        counts = param_counts(gpt)
         n, root = counts.total, counts.total - counts.layers  # embeddings, final norm, head stay with the root
+        acts = activation_bytes(gpt, 8, 64)
+        phases = D.fsdp_step_phases(n, [counts.per_layer] * gpt.n_layers, root, saved=acts.saved,
+                                    saved_per_unit=acts.per_layer, logits=acts.logits,
+                                    head_grads=2 * 8 * 64 * gpt.vocab_size * 4, optimizer_temps=temps(n, 1),
+                                    world_size=2)
     states = D.sharded_state_bytes(n, world_size=2, sharding="fsdp")
     for rank in ranks:
         assert rank["collective_payload"] == D.collective_payloads(n, world_size=2, sharding="fsdp", root_params=root)
@@ -143,6 +157,9 @@ def test_fsdp2_two_gloo_ranks(tmp_path: Path, workload: str) -> None:
         assert breakdown["params"] == states.states.params + root * 4 // 2
         tensors = 6 if workload == "mlp" else 28
         assert breakdown["optimizer"] == states.states.optimizer + 4 * tensors
+        # and the peak itself, within the memory tolerance
+        predicted = max(phases.values())
+        assert abs(predicted - rank["peak"]) / rank["peak"] <= 0.02, (phases, rank["peak"])  # type: ignore[operator]
 
 
 def test_a_dying_rank_is_named_not_a_hang() -> None:

@@ -6,7 +6,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from torchledger.formulas._validate import one_of, positive_int
-from torchledger.formulas.distributed import SHARDINGS, ShardedStates, communication_bytes, sharded_state_bytes
+from torchledger.formulas.activations import logprob_bytes
+from torchledger.formulas.distributed import (
+    SHARDINGS,
+    ShardedStates,
+    communication_bytes,
+    fsdp_step_phases,
+    sharded_state_bytes,
+)
 from torchledger.formulas.flops import ModelFlops, model_flops
 from torchledger.formulas.memory import dtype_bytes, get_recipe, kv_cache_bytes
 from torchledger.formulas.peak import TrainPeak, train_peak_bytes
@@ -48,6 +55,18 @@ class Estimate:
         if self.sharding in ("zero3", "fsdp", "fsdp-grad-op"):
             delta += param_counts(self.spec).per_layer * dtype_bytes(get_recipe(self.precision).param_dtype)
         temps = phases["optimizer"] - persistent - full.grads - self.peak.buffers
+        if self.sharding in ("zero3", "fsdp"):
+            # one unit per block, the embeddings, final norm and head in the root unit
+            counts, acts, r = param_counts(self.spec), self.peak.activations, get_recipe(self.precision)
+            fsdp = fsdp_step_phases(
+                counts.total, [counts.per_layer] * self.spec.n_layers, counts.total - counts.layers,
+                saved=acts.saved, saved_per_unit=acts.per_layer, logits=acts.logits,
+                head_grads=2 * self.batch * self.seq_len * self.spec.vocab_size * logprob_bytes(r),
+                optimizer_temps=temps, recipe=self.precision, optimizer=self.optimizer, world_size=self.world_size,
+            )
+            phases.update(fsdp)
+            phases["forward"] += delta - self.sharded.buckets
+            return phases
         if self.sharding != "ddp":
             phases["optimizer"] += -(-temps // self.world_size) - temps
         phases["optimizer"] += mine.grads - full.grads
