@@ -102,12 +102,15 @@ def run_rank(rank: int, world: int, port: int, kind: str, workload: str, out: st
 
 
 def die_on_rank_one(rank: int, world: int, port: int) -> None:
-    """Rank 1 fails after joining the group; rank 0 waits in a collective that can no longer complete."""
+    """Rank 1 fails after joining the group; rank 0 is busy elsewhere (not in a collective, whose own failure could
+    otherwise be reported first) and must be ended by the launcher, not waited for."""
+    import time
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
     if rank == 1:
         raise RuntimeError("rank 1 fails on purpose")
-    dist.barrier()
+    time.sleep(120)
 
 
 def collective_sweep(rank: int, world: int, port: int, backend: str, sizes: list[int], out: str) -> None:

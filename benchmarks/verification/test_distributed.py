@@ -165,8 +165,12 @@ def test_fsdp2_two_gloo_ranks(tmp_path: Path, workload: str) -> None:
 def test_a_dying_rank_is_named_not_a_hang() -> None:
     from benchmarks.verification.dist_worker import die_on_rank_one
 
-    # the launcher ends the run when rank 1 fails (rank 0, stuck in a barrier, is terminated, not waited for) and
-    # its error names the rank
+    # the launcher ends the run when rank 1 fails (rank 0, busy for another two minutes, is terminated, not waited
+    # for) and its error names the rank
+    import time
+
+    start = time.monotonic()
     with pytest.raises(mp.ProcessRaisedException, match="Process 1 terminated") as failure:
         mp.start_processes(die_on_rank_one, args=(2, _free_port()), nprocs=2, start_method="spawn", join=True)
     assert failure.value.error_index == 1
+    assert time.monotonic() - start < 60
