@@ -61,13 +61,20 @@ def test_data_parallel_step_vs_world_size(ledger: Ledger, sizes: dict[str, Any],
         pytest.skip(f"world size {world} needs {world} GPUs; this machine has {torch.cuda.device_count()}")
     script = Path(__file__).with_name("dist_step.py")
     out = tmp_path / "step.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", str(script),
-           "--sharding", sharding, "--preset", sizes["gpt"], "--batch", str(sizes["gpt_batch"]),
-           "--seq-len", str(sizes["gpt_seq"]), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if not ledger.cuda else dict(os.environ)
 
     def launch() -> None:
-        subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+        # a free port per launch (parallel test workers start launchers too); one retry if another process took it
+        # between the check and the bind
+        for _attempt in range(2):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={world}",
+                   "--master-addr=127.0.0.1", f"--master-port={_port()}", str(script), "--sharding", sharding,
+                   "--preset", sizes["gpt"], "--batch", str(sizes["gpt_batch"]), "--seq-len", str(sizes["gpt_seq"]),
+                   "--out", str(out)]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+            if done.returncode == 0:
+                return
+        raise RuntimeError(f"torchrun failed twice ({done.returncode}):\n{done.stderr[-3000:]}")
 
     ledger.time(launch, rounds=1, warmup=0, events=False, sharding=sharding, world_size=world)
     result = json.loads(out.read_text())

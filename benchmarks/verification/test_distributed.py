@@ -157,17 +157,19 @@ def test_fsdp2_two_gloo_ranks(tmp_path: Path, workload: str) -> None:
         assert breakdown["params"] == states.states.params + root * 4 // 2
         tensors = 6 if workload == "mlp" else 28
         assert breakdown["optimizer"] == states.states.optimizer + 4 * tensors
-        # and the peak itself, within the memory tolerance
-        predicted = max(phases.values())
-        assert abs(predicted - rank["peak"]) / rank["peak"] <= 0.02, (phases, rank["peak"])  # type: ignore[operator]
+        # and the peak itself, within the memory tolerance of the range the overlap of collectives allows
+        peak = rank["peak"]
+        assert isinstance(peak, int)
+        low, high = max(phases["backward"], phases["optimizer"]), max(phases.values())
+        assert 0.98 * low <= peak <= 1.02 * high, (phases, peak)
 
 
 def test_a_dying_rank_is_named_not_a_hang() -> None:
-    from benchmarks.verification.dist_worker import die_on_rank_one
-
     # the launcher ends the run when rank 1 fails (rank 0, busy for another two minutes, is terminated, not waited
     # for) and its error names the rank
     import time
+
+    from benchmarks.verification.dist_worker import die_on_rank_one
 
     start = time.monotonic()
     with pytest.raises(mp.ProcessRaisedException, match="Process 1 terminated") as failure:
