@@ -176,5 +176,3 @@ def relative_error(predicted: int, measured: int) -> float:
     """|predicted - measured| / measured."""
     return abs(predicted - measured) / measured
 
-
-Measure = Callable[[MemoryCase, str], MemoryMeasurement]
