@@ -1,6 +1,6 @@
 """The analytic core: FLOPs, bytes and hardware peaks from shapes alone. Pure Python; never imports torch."""
 
-from torchledger.formulas.activations import (
+from .activations import (
     Activations,
     activation_bytes,
     buffer_bytes,
@@ -8,8 +8,8 @@ from torchledger.formulas.activations import (
     layer_activation_items,
     mlp_activation_bytes,
 )
-from torchledger.formulas.estimate import Estimate, estimate
-from torchledger.formulas.flops import (
+from .estimate import Estimate, estimate
+from .flops import (
     ModelFlops,
     attention_backward_flops,
     attention_flops,
@@ -32,7 +32,7 @@ from torchledger.formulas.flops import (
     palm_train_flops_per_token,
     train_step_flops,
 )
-from torchledger.formulas.hardware import (
+from .hardware import (
     DEVICES,
     DeviceSpec,
     arithmetic_intensity,
@@ -42,7 +42,7 @@ from torchledger.formulas.hardware import (
     peak_flops,
     ridge_point,
 )
-from torchledger.formulas.memory import (
+from .memory import (
     RECIPES,
     ModelStates,
     Recipe,
@@ -53,7 +53,7 @@ from torchledger.formulas.memory import (
     optimizer_state_bytes,
     optimizer_step_temp_bytes,
 )
-from torchledger.formulas.peak import (
+from .peak import (
     InferencePeak,
     TrainPeak,
     cnn_train_peak_bytes,
@@ -61,7 +61,7 @@ from torchledger.formulas.peak import (
     mlp_train_peak_bytes,
     train_peak_bytes,
 )
-from torchledger.formulas.specs import (
+from .specs import (
     PRESETS,
     CNNSpec,
     MLPSpec,

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import pairwise
 
-from torchledger.formulas._validate import one_of, positive_int
-from torchledger.formulas.memory import Recipe, dtype_bytes, get_recipe
-from torchledger.formulas.specs import CNNSpec, MLPSpec, ModelSpec, param_counts
+from ._validate import one_of, positive_int
+from .memory import Recipe, dtype_bytes, get_recipe
+from .specs import CNNSpec, MLPSpec, ModelSpec, param_counts
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
-from torchledger.formulas._validate import one_of, positive_int, positive_number
-from torchledger.formulas.memory import ModelStates, dtype_bytes, get_recipe, model_state_bytes
+from ._validate import one_of, positive_int, positive_number
+from .memory import ModelStates, dtype_bytes, get_recipe, model_state_bytes
 
 SHARDINGS = ("ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp-grad-op")
 __all__ = [

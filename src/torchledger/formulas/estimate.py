@@ -5,19 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torchledger.formulas._validate import one_of, positive_int
-from torchledger.formulas.activations import logprob_bytes
-from torchledger.formulas.distributed import (
+from ._validate import one_of, positive_int
+from .activations import logprob_bytes
+from .distributed import (
     SHARDINGS,
     ShardedStates,
     communication_bytes,
     fsdp_step_phases,
     sharded_state_bytes,
 )
-from torchledger.formulas.flops import ModelFlops, model_flops
-from torchledger.formulas.memory import dtype_bytes, get_recipe, kv_cache_bytes
-from torchledger.formulas.peak import TrainPeak, train_peak_bytes
-from torchledger.formulas.specs import ModelSpec, check_seq_len, n_params, param_counts
+from .flops import ModelFlops, model_flops
+from .memory import dtype_bytes, get_recipe, kv_cache_bytes
+from .peak import TrainPeak, train_peak_bytes
+from .specs import ModelSpec, check_seq_len, n_params, param_counts
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from itertools import pairwise
 from math import prod
 
-from torchledger.formulas._validate import int_tuple, non_negative_int, one_of, positive_int, positive_number
-from torchledger.formulas.specs import CNNSpec, MLPSpec, ModelSpec, param_counts
+from ._validate import int_tuple, non_negative_int, one_of, positive_int, positive_number
+from .specs import CNNSpec, MLPSpec, ModelSpec, param_counts
 
 CHECKPOINTING = ("none", "selective", "full")
 

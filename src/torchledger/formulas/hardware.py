@@ -13,8 +13,8 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
-from torchledger.formulas._validate import non_negative_int, positive_number
-from torchledger.formulas.memory import canonical_dtype
+from ._validate import non_negative_int, positive_number
+from .memory import canonical_dtype
 
 T = 1e12
 G = 1e9

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torchledger.formulas._validate import one_of, positive_int
-from torchledger.formulas.specs import ModelSpec
+from ._validate import one_of, positive_int
+from .specs import ModelSpec
 
 DTYPE_BYTES: dict[str, int] = {
     "float64": 8,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import pairwise
 
-from torchledger.formulas._validate import positive_int
-from torchledger.formulas.activations import (
+from ._validate import positive_int
+from .activations import (
     Activations,
     activation_bytes,
     buffer_bytes,
@@ -14,7 +14,7 @@ from torchledger.formulas.activations import (
     logprob_bytes,
     mlp_activation_bytes,
 )
-from torchledger.formulas.memory import (
+from .memory import (
     ModelStates,
     dtype_bytes,
     get_recipe,
@@ -22,7 +22,7 @@ from torchledger.formulas.memory import (
     model_state_bytes,
     optimizer_step_temp_bytes,
 )
-from torchledger.formulas.specs import CNNSpec, MLPSpec, ModelSpec, param_counts
+from .specs import CNNSpec, MLPSpec, ModelSpec, param_counts
 
 
 @dataclass(frozen=True)

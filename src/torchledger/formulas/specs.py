@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any, Literal
 
-from torchledger.formulas._validate import positive_int
+from ._validate import positive_int
 
 Family = Literal["gpt2", "llama"]
 FAMILIES: tuple[str, ...] = ("gpt2", "llama")
