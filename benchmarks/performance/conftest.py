@@ -5,8 +5,9 @@ callable through pytest-benchmark and records the derived figures in ``extra_inf
 
 from __future__ import annotations
 
+import gc
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
@@ -14,7 +15,9 @@ import torch
 
 from torchledger.formulas.hardware import lookup_device
 from torchledger.measuring.machine import device_name
+from torchledger.measuring.memory import MemoryMeasurement
 from torchledger.measuring.timing import L2Flush, cuda_event_times, median, wall_times
+from torchledger.measuring.training import MemoryCase
 
 # What each size profile runs: small for a 2-core CPU (all of benchmarks/performance in minutes), full for an H100.
 SIZES: dict[str, dict[str, Any]] = {
@@ -105,11 +108,38 @@ def ledger(benchmark: Any, ledger_device: str, cpu_matmul_peaks: dict[str, float
     return Ledger(benchmark, ledger_device, cpu_matmul_peaks, bool(pytestconfig.getoption("--ledger-flush-l2")))
 
 
+def memory_base(device: str) -> int:
+    """Bytes allocated before a benchmark builds its model: the baseline its measured peak is taken above.
+
+    On CUDA, what earlier tests left is collected first and the cuBLAS workspaces (one per thread: the caller's and
+    the autograd engine's) are made before the baseline, so that the peak is the step's and nothing else's."""
+    if not device.startswith("cuda"):
+        return 0
+    from torchledger.measuring.memory import cuda_allocated, cuda_warmup
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    cuda_warmup(device)
+    return cuda_allocated(device)
+
+
 def peak_memory(device: str, fn: Callable[[], object], model: torch.nn.Module | None = None,
-                optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Measured peak bytes of one call of ``fn`` (allocator on CUDA, storage tracker on CPU)."""
+                optimizer: torch.optim.Optimizer | None = None, *, base: int,
+                inputs: Iterable[torch.Tensor] = ()) -> MemoryMeasurement:
+    """Measured peak of one call of ``fn``: the allocator's above ``base`` (see :func:`memory_base`) on CUDA, less
+    ``inputs`` (the caller's batches), with the storage tracker's categories beside it; the tracker on CPU."""
     from torchledger.measuring.memory import measure_cpu, measure_cuda
 
     if device.startswith("cuda"):
-        return measure_cuda(fn, base=0, device=device).peak  # everything allocated, model states included
-    return measure_cpu(fn, model, optimizer).peak
+        return measure_cuda(fn, base=base, device=device, model=model, optimizer=optimizer, inputs=inputs)
+    return measure_cpu(fn, model, optimizer)
+
+
+def memory_info(case: MemoryCase, measured: MemoryMeasurement) -> dict[str, Any]:
+    """The ``extra_info`` of a memory measurement: the full configuration (``memory_case``, which
+    ``MemoryCase.from_record`` rebuilds), measured and predicted peaks and their categories, so that a CPU can
+    replay a GPU run's figures against a later prediction."""
+    predicted = case.predict()
+    return {"memory_case": case.to_record(), "peak_memory": measured.peak, "predicted_memory": predicted.peak,
+            "measured_by_category": measured.by_category, "predicted_by_category": predicted.breakdown(),
+            "predicted_phase": predicted.phase}

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import torch
 
-from benchmarks.performance.conftest import Ledger, peak_memory
+from benchmarks.performance.conftest import Ledger, memory_base, memory_info, peak_memory
 from torchledger.formulas.activations import activation_bytes
-from torchledger.formulas.peak import train_peak_bytes
 from torchledger.formulas.specs import get_preset
+from torchledger.measuring.training import MemoryCase
 from torchledger.workloads.models import build_transformer, token_batch
 from torchledger.workloads.train_step import TrainConfig, TrainStep, lm_loss
 
@@ -34,9 +34,11 @@ def _grads_after_one_step(model: torch.nn.Module, step: TrainStep, batches: list
 def test_same_effective_batch(ledger: Ledger, sizes: dict[str, Any], micro_batches: int) -> None:
     device, spec = ledger.device, get_preset(sizes["gpt"])
     batch, seq = sizes["gpt_batch"], sizes["gpt_seq"]
+    base = memory_base(device)
     torch.manual_seed(0)
     model = build_transformer(spec, device=device)
-    step = TrainStep(model, TrainConfig(grad_accum=micro_batches), lm_loss)
+    config = TrainConfig(grad_accum=micro_batches)
+    step = TrainStep(model, config, lm_loss)
     idx, targets = token_batch(spec, batch, seq, device=device)
     per = batch // micro_batches
     batches = [(idx[i * per:(i + 1) * per], targets[i * per:(i + 1) * per]) for i in range(micro_batches)]
@@ -45,15 +47,16 @@ def test_same_effective_batch(ledger: Ledger, sizes: dict[str, Any], micro_batch
     split = _grads_after_one_step(model, step, batches)
     grad_error = max(float((a - b).norm() / a.norm()) for a, b in zip(whole, split, strict=True))
     assert grad_error < 1e-4, f"accumulated gradients differ from the full batch's by {grad_error:.2e}"
+    del whole, split  # two copies of the gradients: not part of the step being measured
 
     def run() -> None:
         step.step(batches)
 
     run()
-    measured = peak_memory(device, run, model, step.optimizer)
-    predicted = train_peak_bytes(spec, per, seq, grad_accum=micro_batches).peak
+    measured = peak_memory(device, run, model, step.optimizer, base=base, inputs=[idx, targets])
+    case = MemoryCase(spec.name, per, config, seq_len=seq)
     ledger.time(run, rounds=sizes["rounds"], warmup=1, recipe="32-true", effective_batch=batch,
-                micro_batches=micro_batches, peak_memory=measured, predicted_memory=predicted, rel_error=grad_error)
+                micro_batches=micro_batches, rel_error=grad_error, **memory_info(case, measured))
 
 
 @pytest.mark.benchmark(group="checkpointing")
@@ -61,6 +64,7 @@ def test_same_effective_batch(ledger: Ledger, sizes: dict[str, Any], micro_batch
 def test_checkpointing(ledger: Ledger, sizes: dict[str, Any], mode: str) -> None:
     device, spec = ledger.device, get_preset(sizes["gpt"])
     batch, seq = sizes["gpt_batch"], sizes["gpt_seq"]
+    base = memory_base(device)
     torch.manual_seed(0)
     model = build_transformer(spec, device=device)
     step = TrainStep(model, TrainConfig(), lm_loss)
@@ -71,13 +75,14 @@ def test_checkpointing(ledger: Ledger, sizes: dict[str, Any], mode: str) -> None
         step.step(batches)
 
     run()
-    measured = peak_memory(device, run, model, step.optimizer)
+    measured = peak_memory(device, run, model, step.optimizer, base=base, inputs=list(batches[0]))
     none = activation_bytes(spec, batch, seq)
     full = activation_bytes(spec, batch, seq, checkpointing="full")
     per_block_saving = (none.layers - full.layers) // spec.n_layers  # saved tensors less the block input kept
     checkpointed = {"none": 0, "full": spec.n_layers, "selective": (spec.n_layers + 1) // 2}[mode]
     predicted_saving = checkpointed * per_block_saving
-    predicted_peak = train_peak_bytes(spec, batch, seq, checkpointing="full" if mode == "full" else "none").peak
+    info = {"peak_memory": measured.peak, "measured_by_category": measured.by_category}
+    if mode != "selective":
+        info = memory_info(MemoryCase(spec.name, batch, TrainConfig(checkpointing=mode), seq_len=seq), measured)
     ledger.time(run, rounds=sizes["rounds"], warmup=1, recipe="32-true", checkpointing=mode,
-                checkpointed_blocks=checkpointed, predicted_activation_saving=predicted_saving, peak_memory=measured,
-                predicted_memory=predicted_peak if mode != "selective" else None)
+                checkpointed_blocks=checkpointed, predicted_activation_saving=predicted_saving, **info)

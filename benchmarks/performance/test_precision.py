@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from benchmarks.performance.conftest import Ledger, peak_memory
+from benchmarks.performance.conftest import Ledger, memory_base, memory_info, peak_memory
 from torchledger.counting.hooks import sdpa_is_fused
 from torchledger.formulas import flops as F
 from torchledger.formulas.specs import MLPSpec, get_preset
@@ -88,6 +88,7 @@ def _step_case(workload: str, sizes: dict[str, Any], recipe: str) -> MemoryCase:
 def test_train_step(ledger: Ledger, sizes: dict[str, Any], workload: str, recipe: str) -> None:
     case = _step_case(workload, sizes, recipe)
     device = ledger.device
+    base = memory_base(device)
     model, step, batches = case.build(device)
     # The fp32 reference: the same initial weights and batch; the error of the recipe's output (logits).
     ref_model, ref_step, _ = _step_case(workload, sizes, "32-true").build(device)
@@ -105,17 +106,15 @@ def test_train_step(ledger: Ledger, sizes: dict[str, Any], workload: str, recipe
         q = torch.empty(case.batch, gpt.n_heads, case.seq_len, gpt.head_dim, device=device, requires_grad=True)
         fused = sdpa_is_fused(q, q, q, is_causal=True)  # a fused kernel recomputes QK^T in the backward
         flops = F.model_flops(gpt, case.batch, case.seq_len, recompute_attention_scores=fused).train
-    predicted = case.predict().peak
 
     def run() -> None:
         step.step(batches)
 
     run()  # optimizer state, so the measured peak is the steady state the prediction describes
-    measured = peak_memory(device, run, model, step.optimizer)
+    measured = peak_memory(device, run, model, step.optimizer, base=base, inputs=[t for b in batches for t in b])
     ledger.time(run, rounds=sizes["rounds"], warmup=1, flops=flops,
                 mfu_dtype="fp32" if recipe == "32-true" else ("fp16" if recipe == "16-mixed" else "bf16"),
-                recipe=recipe, workload=workload, rel_error=rel_error, peak_memory=measured,
-                predicted_memory=predicted)
+                recipe=recipe, workload=workload, rel_error=rel_error, **memory_info(case, measured))
 
 
 @pytest.mark.benchmark(group="precision")

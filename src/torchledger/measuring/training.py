@@ -10,7 +10,9 @@ simulated path, which allocates nothing.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +26,14 @@ from torchledger.formulas.peak import (
     train_peak_bytes,
 )
 from torchledger.formulas.specs import PRESETS, CNNSpec, MLPSpec, ModelSpec, get_preset
-from torchledger.measuring.memory import MemoryMeasurement, cuda_allocated, cuda_warmup, measure_cpu, measure_cuda
+from torchledger.measuring.memory import (
+    MemoryMeasurement,
+    StorageTracker,
+    cuda_allocated,
+    cuda_warmup,
+    measure_cpu,
+    measure_cuda,
+)
 from torchledger.workloads.models import CNN, MLP, build_transformer, token_batch
 from torchledger.workloads.train_step import TrainConfig, TrainStep, classifier_loss, default_dtype, lm_loss
 
@@ -44,6 +53,46 @@ class MemoryCase:
     spec: ModelSpec | None = None  # a transformer spec not among the presets (read from a config.json)
     mlp: MLPSpec = MLP_SPEC  # the shapes of the mlp workload
     cnn: CNNSpec = CNN_SPEC  # the shapes of the cnn workload
+
+    def to_record(self, kind: str = "train") -> dict[str, Any]:
+        """The case as plain JSON data: what a benchmark or a GPU run records beside its measurement, so that
+        :meth:`from_record` rebuilds it and a CPU replays it against today's prediction."""
+        c = self.config
+        out: dict[str, Any] = {
+            "kind": kind, "workload": self.workload, "batch": self.batch, "seq_len": self.seq_len,
+            "precision": c.precision, "optimizer": c.optimizer, "optimizer_impl": c.optimizer_impl,
+            "checkpointing": c.checkpointing, "grad_accum": c.grad_accum, "clip_grad_norm": c.clip_grad_norm,
+        }
+        if self.workload == "mlp":
+            out["mlp"] = list(self.mlp.dims)
+        elif self.workload == "cnn":
+            out["cnn"] = {"in_channels": self.cnn.in_channels, "channels": list(self.cnn.channels),
+                          "image_size": self.cnn.image_size, "n_classes": self.cnn.n_classes}
+        elif self.spec is not None:
+            out["spec"] = {k: v for k, v in asdict(self.spec).items() if v is not None}
+        return out
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> MemoryCase:
+        """The case :meth:`to_record` wrote; ValueError naming the field when the record is not one."""
+        try:
+            config = TrainConfig(record["precision"], record["optimizer"], record["optimizer_impl"],
+                                 record["checkpointing"], int(record["grad_accum"]), record.get("clip_grad_norm"))
+            extra: dict[str, Any] = {}
+            if "mlp" in record:
+                extra["mlp"] = MLPSpec(tuple(record["mlp"]))
+            if "cnn" in record:
+                cnn = dict(record["cnn"])
+                extra["cnn"] = CNNSpec(cnn["in_channels"], tuple(cnn["channels"]), cnn["image_size"],
+                                       cnn["n_classes"])
+            if "spec" in record:
+                extra["spec"] = ModelSpec(**record["spec"])
+            return cls(record["workload"], int(record["batch"]), config, seq_len=int(record.get("seq_len") or 0),
+                       **extra)
+        except KeyError as exc:
+            raise ValueError(f"memory case record {record!r} lacks {exc}") from None
+        except TypeError as exc:
+            raise ValueError(f"memory case record {record!r}: {exc}") from None
 
     def transformer_spec(self) -> ModelSpec:
         return self.spec if self.spec is not None else get_preset(self.workload)
@@ -99,17 +148,20 @@ class MemoryCase:
         return model, loss_fn, batches
 
 
-def measure(case: MemoryCase, device: str) -> MemoryMeasurement:
-    """Measure the steady-state step of ``case`` on ``device`` (``cpu``, ``cuda``)."""
+def measure(case: MemoryCase, device: str, *, snapshot: str | Path | None = None) -> MemoryMeasurement:
+    """Measure the steady-state step of ``case`` on ``device`` (``cpu``, ``cuda``); with ``snapshot``, also write
+    the step's memory history there (:mod:`torchledger.measuring.snapshot`)."""
     if device.startswith("cuda"):
-        cuda_warmup(device)
+        workspaces = cuda_warmup(device)
         base = cuda_allocated(device)
         model, step, batches = case.build(device)
         step.step(batches)  # optimizer state
-        return measure_cuda(lambda: step.step(batches), base=base, device=device)
+        return measure_cuda(lambda: step.step(batches), base=base, device=device, model=model,
+                            optimizer=step.optimizer, inputs=[t for b in batches for t in b],
+                            library_workspaces=workspaces, snapshot=snapshot)
     model, step, batches = case.build(device)
     step.step(batches)
-    return measure_cpu(lambda: step.step(batches), model, step.optimizer, device=device)
+    return measure_cpu(lambda: step.step(batches), model, step.optimizer, device=device, snapshot=snapshot)
 
 
 def predict_inference(case: MemoryCase) -> InferencePeak:
@@ -119,7 +171,10 @@ def predict_inference(case: MemoryCase) -> InferencePeak:
     return inference_peak_bytes(case.transformer_spec(), case.batch, case.seq_len, recipe=case.config.precision)
 
 
-def _inference_run(case: MemoryCase, device: str) -> tuple[nn.Module, Callable[[], object]]:
+def _inference_run(case: MemoryCase, device: str) -> tuple[nn.Module, Callable[[], object], StorageTracker,
+                                                             Tensor]:
+    """The model, a prefill that fills a fresh KV cache on each call, and a tracker that files that cache under
+    ``kv_cache``; the prompt's token ids (the caller's)."""
     predict_inference(case)  # validates the workload and recipe
     spec = case.transformer_spec()
     dtype = {"16-true": torch.float16, "bf16-true": torch.bfloat16}.get(case.config.precision, torch.float32)
@@ -127,36 +182,40 @@ def _inference_run(case: MemoryCase, device: str) -> tuple[nn.Module, Callable[[
         model = build_transformer(spec, device=device)
     idx, _ = token_batch(spec, case.batch, case.seq_len, device=device)
     prefill = model.prefill
+    cache: list[tuple[Tensor, Tensor]] = []
+    tracker = StorageTracker().add_category("kv_cache", lambda: [t for kv in cache for t in kv])
 
     def run() -> object:
+        cache.clear()
         with torch.no_grad():
-            return prefill(idx)
+            return prefill(idx, cache)
 
-    return model, run
+    return model, run, tracker, idx
 
 
-def measure_inference(case: MemoryCase, device: str) -> MemoryMeasurement:
+def measure_inference(case: MemoryCase, device: str, *, snapshot: str | Path | None = None) -> MemoryMeasurement:
     """Measure the prefill of ``case`` (a KV cache for every block) on ``device``."""
     if device.startswith("cuda"):
-        cuda_warmup(device)
+        workspaces = cuda_warmup(device)
         base = cuda_allocated(device)
-        _, run = _inference_run(case, device)
+        model, run, tracker, idx = _inference_run(case, device)
         run()  # kernels' one-time allocations
-        return measure_cuda(run, base=base, device=device)
-    model, run = _inference_run(case, device)
-    return measure_cpu(run, model, device=device)
+        return measure_cuda(run, base=base, device=device, model=model, tracker=tracker, inputs=[idx],
+                            library_workspaces=workspaces, snapshot=snapshot)
+    model, run, tracker, _ = _inference_run(case, device)
+    return measure_cpu(run, model, device=device, tracker=tracker, snapshot=snapshot)
 
 
-def simulate_inference(case: MemoryCase) -> MemoryMeasurement:
+def simulate_inference(case: MemoryCase, *, snapshot: str | Path | None = None) -> MemoryMeasurement:
     """:func:`measure_inference` under ``FakeTensorMode``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(allow_non_fake_inputs=True):
-        model, run = _inference_run(case, "cpu")
-        return measure_cpu(run, model, device="simulated")
+        model, run, tracker, _ = _inference_run(case, "cpu")
+        return measure_cpu(run, model, device="simulated", tracker=tracker, snapshot=snapshot)
 
 
-def simulate(case: MemoryCase) -> MemoryMeasurement:
+def simulate(case: MemoryCase, *, snapshot: str | Path | None = None) -> MemoryMeasurement:
     """The same measurement under ``FakeTensorMode``: shapes only, nothing allocated, any size.
 
     NB: ``16-mixed`` cannot be simulated: GradScaler reads its found-inf flag with ``.item()``.
@@ -168,7 +227,8 @@ def simulate(case: MemoryCase) -> MemoryMeasurement:
     with FakeTensorMode(allow_non_fake_inputs=True):
         model, step, batches = case.build("cpu")
         step.step(batches)
-        result = measure_cpu(lambda: step.step(batches), model, step.optimizer, device="simulated")
+        result = measure_cpu(lambda: step.step(batches), model, step.optimizer, device="simulated",
+                             snapshot=snapshot)
     return result
 
 

@@ -111,10 +111,12 @@ class _Transformer(nn.Module):
     def final(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def prefill(self, idx: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    def prefill(self, idx: Tensor, cache: list[tuple[Tensor, Tensor]] | None = None) -> tuple[
+            Tensor, list[tuple[Tensor, Tensor]]]:
         """Inference over a prompt: the next-token logits (B, V) and the KV cache, one (k, v) pair per block, each
-        (B, H_kv, T, D). Call under ``torch.no_grad()``."""
-        cache: list[tuple[Tensor, Tensor]] = []
+        (B, H_kv, T, D), appended to ``cache`` when given (so that a caller can see it fill). Call under
+        ``torch.no_grad()``."""
+        cache = [] if cache is None else cache
         x = self.embed(idx)  # (B, T, d)
         for block in self.blocks:
             x = block(x, cache)
