@@ -139,20 +139,26 @@ def test_peak_llama_7b_bf16_true_is_in_the_optimizer_step() -> None:
     n = n_params(LLAMA7)
     peak = P.train_peak_bytes(LLAMA7, 1, 2048, recipe="bf16-true", optimizer="adamw")
     # params 2 + grads 2 + exp_avg and exp_avg_sq 2 x 2 + foreach sqrt temporary 2 = 10 bytes per parameter,
-    # plus the rotary cos and sin tables (4096 positions x head_dim 128, bf16)
-    assert peak.phases["optimizer"] == 10 * n + 2 * 4096 * 128 * 2
+    # plus the rotary cos and sin tables (4096 positions x head_dim 128, bf16), Adam's fp32 step counter per tensor
+    # (embedding, 9 per block x 32, final norm, head = 291) and the scalar _foreach_add_ adds to them
+    assert peak.phases["optimizer"] == 10 * n + 2 * 4096 * 128 * 2 + 4 * 291 + 4
     assert peak.phase == "optimizer"
+    assert peak.moment == "optimizer: adamw foreach sqrt"
 
 
 def test_peak_small_model_large_batch_is_in_the_backward() -> None:
     peak = P.train_peak_bytes(GPT_TINY, 64, 256, recipe="32-true", optimizer="adamw")
     acts = A.activation_bytes(GPT_TINY, 64, 256, "32-true")
     states = M.model_state_bytes(n_params(GPT_TINY), "32-true", "adamw")
-    persistent = states.params + states.optimizer
-    assert peak.phases["forward"] == persistent + acts.forward_end
+    # Adam's fp32 step counters: wte, wpe, 12 tensors per block x 2, ln_f's weight and bias
+    persistent = states.params + states.optimizer + 4 * 28
+    targets = 64 * 256 * 8  # the int64 targets viewed by cross-entropy and saved by nll_loss
+    # the forward ends with nll_loss's 8 bytes (the loss and the total weight, fp32) beside everything else
+    assert peak.phases["forward"] == persistent + acts.forward_end + targets + 8
     # backward begins with the gradients of the log-probabilities and of the logits, B T V fp32 each
-    assert peak.phases["backward"] == persistent + acts.saved + acts.logits + 2 * 64 * 256 * 1000 * 4
+    assert peak.phases["backward"] == persistent + acts.saved + targets + 8 + acts.logits + 2 * 64 * 256 * 1000 * 4
     assert peak.phase == "backward"
+    assert peak.moment == "backward: log_softmax grad"
 
 
 def test_grad_accumulation_adds_gradients_not_activations() -> None:

@@ -109,6 +109,8 @@ class Estimate:
                 "peak_train": max(self.phases_per_rank.values()),
                 "peak_phase": max(self.phases_per_rank, key=lambda k: self.phases_per_rank[k]),
                 "phases": self.phases_per_rank,
+                # the op at the single-device peak (per rank, the phase's figures are adjusted, not re-walked)
+                "peak_moment": self.peak.moment,
                 "ddp_buckets": self.sharded.buckets if self.sharded is not None else 0,
             },
             "world_size": self.world_size,

@@ -1,39 +1,45 @@
-"""The peak memory of one training step, by phase, for the reference workloads."""
+"""The peak memory of one training step of the reference workloads: the largest moment of its timeline."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from itertools import pairwise
+from dataclasses import dataclass, field
 
-from ._validate import positive_int
+from ._validate import one_of, positive_int
 from .activations import (
     Activations,
     activation_bytes,
     buffer_bytes,
     cnn_activation_bytes,
-    logprob_bytes,
     mlp_activation_bytes,
 )
 from .memory import (
+    OPTIMIZER_IMPLS,
+    OPTIMIZER_STATES,
     ModelStates,
     dtype_bytes,
     get_recipe,
     kv_cache_bytes,
     model_state_bytes,
-    optimizer_step_temp_bytes,
 )
 from .specs import CNNSpec, MLPSpec, ModelSpec, param_counts
+from .timeline import StepConfig, StepTimeline, cnn_timeline, mlp_timeline, transformer_timeline
 
 
 @dataclass(frozen=True)
 class TrainPeak:
-    """The peak of one optimizer step at steady state (optimizer state exists; grads freed by ``zero_grad``)."""
+    """The peak of one optimizer step at steady state (optimizer state exists; grads freed by ``zero_grad``): the
+    largest total over the step's timeline (:mod:`torchledger.formulas.timeline`).
+
+    ``phases``: the largest total within each of forward, backward and optimizer; ``moment``: the op at the peak;
+    ``states``/``activations``/``buffers``: the parts the estimate reports beside it."""
 
     states: ModelStates
     activations: Activations
     phases: dict[str, int]
     grad_accum: int
     buffers: int = 0
+    moment: str = ""
+    by_category: dict[str, int] = field(default_factory=dict)
 
     @property
     def peak(self) -> int:
@@ -46,37 +52,15 @@ class TrainPeak:
 
     def breakdown(self) -> dict[str, int]:
         """The peak by category, as the memory tracker reports a measurement: params (and buffers), grads,
-        optimizer (and master weights), activations (what autograd saved), temporaries (the rest: logits, gradient
-        transients, the optimizer's temporaries)."""
-        s, a, phase = self.states, self.activations, self.phase
-        out = {
-            "params": s.params + self.buffers,
-            "grads": s.grads if phase == "optimizer" or self.grad_accum > 1 else 0,
-            "optimizer": s.optimizer + s.master_params,
-            "activations": {"forward": a.forward_end - a.logits, "backward": a.saved, "optimizer": 0}[phase],
-        }
-        out["temporaries"] = max(self.peak - sum(out.values()), 0)
-        return out
+        optimizer (state, step counters), activations (tensors autograd saved), temporaries (the rest)."""
+        return dict(self.by_category)
 
 
-def _step_peak(
-    states: ModelStates, buffers: int, acts: Activations, *, grad_accum: int, head_grads: int, inner_backward: int,
-    optimizer_temps: int,
-) -> TrainPeak:
-    """The three phases from their parts (see :func:`train_peak_bytes`)."""
-    persistent = states.params + states.master_params + states.optimizer + buffers
-    accumulated = states.grads if grad_accum > 1 else 0
-    backward_start = persistent + acts.saved + acts.logits + accumulated + head_grads
+def _from_timeline(walk: StepTimeline, states: ModelStates, acts: Activations, grad_accum: int,
+                   buffers: int) -> TrainPeak:
     return TrainPeak(
-        states=states,
-        activations=acts,
-        buffers=buffers,
-        phases={
-            "forward": persistent + acts.forward_end + accumulated,
-            "backward": max(backward_start, persistent + inner_backward),
-            "optimizer": persistent + states.grads + optimizer_temps,
-        },
-        grad_accum=grad_accum,
+        states=states, activations=acts, phases={k: m.total for k, m in walk.phases.items()}, grad_accum=grad_accum,
+        buffers=buffers, moment=walk.peak.name, by_category=dict(walk.peak.by_category),
     )
 
 
@@ -90,110 +74,64 @@ def train_peak_bytes(
     checkpointing: str = "none",
     grad_accum: int = 1,
     optimizer_impl: str = "foreach",
+    clip: bool = False,
+    device: str = "cpu",
 ) -> TrainPeak:
-    """Peak bytes of one training step of a reference transformer, by phase.
+    """Peak bytes of one training step of a reference transformer: the largest moment of its timeline (see
+    :func:`torchledger.formulas.timeline.transformer_timeline` for every op it walks).
 
-    - ``forward``: persistent states (params, buffers, master, optimizer) + what the last micro-batch holds at the
-      end of its forward (:attr:`Activations.forward_end`) + the gradients when ``grad_accum > 1`` (accumulated by
-      the earlier micro-batches; with ``grad_accum == 1`` they are still freed).
-    - ``backward``: the larger of two moments. Its start: the saved tensors and logits, plus the gradients of the
-      log-probabilities and of the logits (B T V each). The last block's MLP backward: the head's saved tensors are
-      gone; the head's and the down projection's weight gradients, the residual stream's gradient and the MLP's
-      gradient transients exist (GELU: the gradients of its output and input, one B T d_ff more than the down
-      projection's freed input; SwiGLU: those of silu(gate), up and their product, two more); under full
-      checkpointing the block's saved tensors are back.
-    - ``optimizer``: persistent states + gradients + the optimizer step's temporaries.
-    NB: steady state; the very first step has no optimizer state until the step itself. Inside the backward the
-    moment is approximate: measured 1.2-1.3% higher for llama-tiny under full checkpointing, where the peak falls a
-    few weight gradients later.
+    Where it falls: at the start of the backward (saved tensors, the logits and the gradients of the
+    log-probabilities), at a block's weight gradients, at the end of the backward (a tied embedding's two gradients
+    summed beside its ``.grad`` under accumulation), inside a recomputed block (full checkpointing), or in the
+    optimizer (AdamW ``foreach``: ``torch._foreach_sqrt`` of every exp_avg_sq at once).
+    NB: steady state; the very first step has no optimizer state until the step itself.
     """
     positive_int("grad_accum", grad_accum)
-    counts = param_counts(spec)
-    n = counts.total
-    r = get_recipe(recipe)
+    positive_int("batch", batch)
+    positive_int("seq_len", seq_len)
+    n = param_counts(spec).total
     states = model_state_bytes(n, recipe, optimizer)
     acts = activation_bytes(spec, batch, seq_len, recipe, checkpointing)
-    tokens = batch * seq_len
-    g = dtype_bytes(r.grad_dtype)
-    head_weight_grads = ((counts.lm_head or counts.token_embedding) + counts.final_norm) * g
-    grads_so_far = states.grads if grad_accum > 1 else head_weight_grads + spec.d_ff * spec.d_model * g
-    residual_grad = tokens * spec.d_model * dtype_bytes(r.param_dtype)
-    mlp_transient = (1 if spec.family == "gpt2" else 2) * tokens * spec.d_ff * dtype_bytes(r.compute_dtype)
-    inner = (acts.saved - acts.head + acts.logits + grads_so_far + residual_grad + acts.recompute_layer
-             + mlp_transient)
-    # The end of the backward: every gradient exists, and the token embedding's gradient is made as a new dense
-    # V x d tensor, added into an existing .grad when the head is tied to it or when accumulating.
-    embedding_added = spec.tied_embeddings or grad_accum > 1
-    inner = max(inner, states.grads + (counts.token_embedding * g if embedding_added else 0))
-    largest = max(counts.token_embedding, counts.lm_head, spec.d_model * max(spec.d_ff, spec.q_dim + 2 * spec.kv_dim))
-    return _step_peak(
-        states, buffer_bytes(spec, recipe), acts, grad_accum=grad_accum,
-        head_grads=2 * tokens * spec.vocab_size * logprob_bytes(r), inner_backward=inner,
-        optimizer_temps=optimizer_step_temp_bytes(n, largest, optimizer, recipe, optimizer_impl),
-    )
+    config = _config(recipe, optimizer, optimizer_impl, checkpointing, grad_accum, clip)
+    walk = transformer_timeline(spec, batch, seq_len, config, device)
+    return _from_timeline(walk, states, acts, grad_accum, buffer_bytes(spec, recipe))
+
+
+def _config(recipe: str, optimizer: str, impl: str, checkpointing: str, grad_accum: int, clip: bool) -> StepConfig:
+    get_recipe(recipe)
+    one_of("optimizer", optimizer, OPTIMIZER_STATES)
+    one_of("impl", impl, OPTIMIZER_IMPLS)
+    one_of("checkpointing", checkpointing, ("none", "full"))
+    return StepConfig(recipe, optimizer, impl, checkpointing, grad_accum, clip)
 
 
 def mlp_train_peak_bytes(
     spec: MLPSpec, batch: int, *, recipe: str = "32-true", optimizer: str = "adamw", grad_accum: int = 1,
-    optimizer_impl: str = "foreach",
+    optimizer_impl: str = "foreach", clip: bool = False, device: str = "cpu",
 ) -> TrainPeak:
-    """Peak bytes of one training step of the reference MLP (cross-entropy over its last width), by phase."""
+    """Peak bytes of one training step of the reference MLP (cross-entropy over its last width): the largest moment
+    of :func:`torchledger.formulas.timeline.mlp_timeline`."""
     positive_int("grad_accum", grad_accum)
-    r = get_recipe(recipe)
+    positive_int("batch", batch)
     states = model_state_bytes(spec.n_params, recipe, optimizer)
     acts = mlp_activation_bytes(spec, batch, recipe)
-    layers = list(pairwise(spec.dims))
-    largest = max(a * b for a, b in layers)
-    g, c = dtype_bytes(r.grad_dtype), dtype_bytes(r.compute_dtype)
-    # Walking the backward from the last layer: when layer i's weight gradient is made, the gradients of the layers
-    # after it exist (all of them when accumulating), and the new one is a temporary: computed in 16 bits and cast
-    # to the fp32 .grad under autocast, or added into the existing .grad when accumulating. The activations of the
-    # layers before it are still saved.
-    inner = 0
-    grads_after = 0
-    for i in reversed(range(len(layers))):
-        a, b = layers[i]
-        weight = a * b + b
-        existing = states.grads if grad_accum > 1 else grads_after
-        new_grad = weight * g if (grad_accum > 1 or r.autocast) else 0
-        new_grad += weight * c if r.autocast else 0
-        saved_before = sum(spec.dims[1:i + 1]) * batch * c + (spec.dims[0] * batch * c if r.autocast else 0)
-        if r.autocast:  # 16-bit weight copies still saved by the layers before it (the first layer saves none)
-            saved_before += sum(x * y for x, y in layers[1:i]) * c
-        inner = max(inner, existing + new_grad + saved_before + acts.logits)
-        grads_after += weight * g
-    return _step_peak(
-        states, 0, acts, grad_accum=grad_accum, head_grads=2 * batch * spec.dims[-1] * logprob_bytes(r),
-        inner_backward=inner,
-        optimizer_temps=optimizer_step_temp_bytes(spec.n_params, largest, optimizer, recipe, optimizer_impl),
-    )
+    walk = mlp_timeline(spec, batch, _config(recipe, optimizer, optimizer_impl, "none", grad_accum, clip), device)
+    return _from_timeline(walk, states, acts, grad_accum, 0)
 
 
 def cnn_train_peak_bytes(
     spec: CNNSpec, batch: int, *, recipe: str = "32-true", optimizer: str = "adamw", grad_accum: int = 1,
-    optimizer_impl: str = "foreach",
+    optimizer_impl: str = "foreach", clip: bool = False, device: str = "cpu",
 ) -> TrainPeak:
-    """Peak bytes of one training step of the reference CNN, by phase.
-
-    Inside the backward: the pooling's and the last ReLU's gradients (B C H W each) exist together while every
-    saved tensor but the log-probabilities is still alive, with the head's weight gradients.
-    """
+    """Peak bytes of one training step of the reference CNN: the largest moment of
+    :func:`torchledger.formulas.timeline.cnn_timeline` (inside the backward, the pooling's gradient expanded to
+    B C H W by ``div`` and the last ReLU's gradient exist together while the ReLU outputs are still saved)."""
     positive_int("grad_accum", grad_accum)
-    r = get_recipe(recipe)
+    positive_int("batch", batch)
     states = model_state_bytes(spec.n_params, recipe, optimizer)
     acts = cnn_activation_bytes(spec, batch, recipe)
-    c, g = dtype_bytes(r.compute_dtype), dtype_bytes(r.grad_dtype)
-    last = spec.channels[-1]
-    grads_so_far = states.grads if grad_accum > 1 else (last * spec.n_classes + spec.n_classes) * g
-    inner = acts.saved - batch * spec.n_classes * logprob_bytes(r) + acts.logits + grads_so_far
-    inner += 2 * batch * last * spec.image_size**2 * c
-    widths = (spec.in_channels, *spec.channels)
-    largest = max(max(a * b * 9 for a, b in pairwise(widths)), last * spec.n_classes)
-    return _step_peak(
-        states, 0, acts, grad_accum=grad_accum, head_grads=2 * batch * spec.n_classes * logprob_bytes(r),
-        inner_backward=inner,
-        optimizer_temps=optimizer_step_temp_bytes(spec.n_params, largest, optimizer, recipe, optimizer_impl),
-    )
+    walk = cnn_timeline(spec, batch, _config(recipe, optimizer, optimizer_impl, "none", grad_accum, clip), device)
+    return _from_timeline(walk, states, acts, grad_accum, 0)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,867 @@
+"""The memory of one training step as a timeline: every tensor the step makes, from its op to its release.
+
+The step is walked op by op, as PyTorch runs it, in pure Python: each forward op allocates its output and its
+autograd node keeps what it saves; the loss and its gradient; the backward runs the nodes in reverse, each
+allocating the gradients of its inputs and releasing what it saved and the gradient it received (two gradients of
+one tensor are summed out of place, as autograd's input buffer does); a weight's gradient is stolen as its
+``.grad`` or, when a ``.grad`` exists (accumulation), added into it in place; GradScaler's unscale and inf checks,
+the gradient norms of clipping, and the optimizer's temporaries follow. The peak is the largest total after any
+allocation; it is named by its moment (``"backward: block 1 mlp.fc weight grad"``).
+
+Each tensor is in one of the tracker's categories (:class:`torchledger.measuring.memory.StorageTracker`): params
+(buffers included), grads (``.grad``), optimizer (state, step counters), activations (tensors autograd saved; under
+non-reentrant checkpointing a block saves through the checkpoint's own hooks, so its tensors count as temporaries,
+except the block's input, which the checkpoint saves itself), temporaries (everything else).
+
+``device`` selects the device-specific terms of :mod:`torchledger.formulas.device`: on CUDA every allocation is
+rounded to the caching allocator's 512-byte blocks, ``F.rms_norm`` is the fused kernel, and cross-entropy's
+``log_softmax`` reads 16-bit logits directly under autocast; the CPU has none. NB: on the CPU a 16-bit LayerNorm
+keeps its statistics in 16 bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import pairwise
+
+from .device import device_terms
+from .memory import OPTIMIZER_STATES, Recipe, dtype_bytes, get_recipe
+from .specs import CNNSpec, MLPSpec, ModelSpec
+
+CATEGORIES = ("params", "grads", "optimizer", "activations", "temporaries")
+PHASES = ("forward", "backward", "optimizer")
+
+
+@dataclass(frozen=True)
+class Moment:
+    """The state of memory just after one allocation."""
+
+    phase: str
+    label: str
+    total: int
+    by_category: dict[str, int]
+
+    @property
+    def name(self) -> str:
+        return f"{self.phase}: {self.label}"
+
+
+class Timeline:
+    """Live tensors by reference count and category; records the largest total (overall and per phase)."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self.terms = device_terms(device)
+        self._size: dict[int, int] = {}
+        self._refs: dict[int, int] = {}
+        self._cat: dict[int, str] = {}
+        self._next = 0
+        self.by_category = dict.fromkeys(CATEGORIES, 0)
+        self.total = 0
+        self.phase = "forward"
+        self.peak: Moment | None = None
+        self.phase_peaks: dict[str, Moment] = {}
+
+    def alloc(self, size: int, label: str, category: str = "temporaries") -> int:
+        """A new tensor of ``size`` bytes (one reference), made by the op ``label``, as the device's allocator counts
+        it: the CPU allocates exactly the storage's bytes, CUDA's caching allocator a multiple of 512."""
+        size = self.terms.round(size)
+        t = self._next
+        self._next += 1
+        self._size[t], self._refs[t], self._cat[t] = size, 1, category
+        self.total += size
+        self.by_category[category] += size
+        best = self.phase_peaks.get(self.phase)
+        if best is None or self.total > best.total:
+            moment = Moment(self.phase, label, self.total, dict(self.by_category))
+            self.phase_peaks[self.phase] = moment
+            if self.peak is None or moment.total > self.peak.total:
+                self.peak = moment
+        return t
+
+    def ref(self, t: int) -> int:
+        self._refs[t] += 1
+        return t
+
+    def unref(self, t: int) -> None:
+        self._refs[t] -= 1
+        if self._refs[t] == 0:
+            size, cat = self._size.pop(t), self._cat.pop(t)
+            del self._refs[t]
+            self.total -= size
+            self.by_category[cat] -= size
+
+    def recategorize(self, t: int, category: str) -> None:
+        """``t`` becomes a ``.grad`` or is saved for backward (params take precedence, as the tracker's do)."""
+        old = self._cat[t]
+        if CATEGORIES.index(category) < CATEGORIES.index(old):
+            self._cat[t] = category
+            self.by_category[old] -= self._size[t]
+            self.by_category[category] += self._size[t]
+
+    def size(self, t: int) -> int:
+        return self._size[t]
+
+
+# ------------------------------------------------------------------------------------------------ the autograd walk
+
+
+@dataclass
+class Param:
+    """One parameter tensor: ``numel`` elements; ``uses`` gradients arrive before its AccumulateGrad runs (2 for a
+    tied embedding). ``grad`` is its ``.grad`` tensor once it exists."""
+
+    name: str
+    numel: int
+    uses: int = 1
+    grad: int | None = None
+    pending: int | None = None
+    arrived: int = 0
+
+
+@dataclass
+class Node:
+    """An autograd node: ``out`` receives the gradient; ``grads`` are (target, bytes, label, cast bytes) made by its
+    backward, target a tensor or a :class:`Param`; ``saved`` are released after it runs."""
+
+    label: str
+    out: int | None
+    grads: list[tuple[int | Param, int, str, int]] = field(default_factory=list)
+    saved: list[int] = field(default_factory=list)
+    backward: Callable[[Node], None] | None = None
+
+
+class Graph:
+    """Records the forward's nodes and runs the backward over them.
+
+    ``mode``: ``"normal"`` (saved tensors are activations), ``"checkpoint"`` (a checkpointed block's forward: its
+    nodes keep nothing), ``"recompute"`` (its recomputation in the backward: saved, but through the checkpoint's
+    hooks, so temporaries)."""
+
+    def __init__(self, tl: Timeline, grad_bytes: int) -> None:
+        self.tl = tl
+        self.g = grad_bytes
+        self.nodes: list[Node] = []
+        self.mode = "normal"
+        self.buffer: dict[int, int] = {}  # tensor -> its gradient so far
+
+    def new(self, size: int, label: str) -> int:
+        return self.tl.alloc(size, label)
+
+    def drop(self, *ts: int | None) -> None:
+        for t in ts:
+            if t is not None:
+                self.tl.unref(t)
+
+    def node(self, label: str, out: int | None, saved: Sequence[int] = (),
+             grads: Sequence[tuple[int | Param, int, str, int]] = (),
+             backward: Callable[[Node], None] | None = None) -> Node:
+        n = Node(label, out, list(grads), [], backward)
+        for t in saved:
+            self.save(n, t)
+        self.nodes.append(n)
+        return n
+
+    def save(self, n: Node, t: int) -> None:
+        if self.mode == "checkpoint":
+            return
+        self.tl.ref(t)
+        if self.mode == "normal":
+            self.tl.recategorize(t, "activations")
+        n.saved.append(t)
+
+    # -- backward
+    def route(self, target: int | Param, grad: int) -> None:
+        """Deliver ``grad``: into a tensor's input buffer (summed out of place with an earlier one), or to a
+        parameter's AccumulateGrad once all its uses have delivered."""
+        if isinstance(target, Param):
+            target.arrived += 1
+            if target.pending is not None:
+                grad = self._sum(target.pending, grad, f"{target.name} grad sum")
+            target.pending = grad
+            if target.arrived == target.uses:
+                self.accumulate(target, grad)
+                target.pending, target.arrived = None, 0
+            return
+        if target in self.buffer:
+            grad = self._sum(self.buffer[target], grad, "grad sum")
+        self.buffer[target] = grad
+
+    def _sum(self, a: int, b: int, label: str) -> int:
+        s = self.new(self.tl.size(a), label)
+        self.drop(a, b)
+        return s
+
+    def accumulate(self, p: Param, grad: int) -> None:
+        """AccumulateGrad: the gradient becomes ``.grad`` (stolen, no copy) or is added into it in place."""
+        if p.grad is None:
+            p.grad = grad
+            self.tl.recategorize(grad, "grads")
+        else:
+            self.drop(grad)
+
+    def run_node(self, n: Node) -> None:
+        if n.backward is not None:
+            n.backward(n)
+            return
+        gout = self.buffer.pop(n.out) if n.out is not None and n.out in self.buffer else None
+        made = [(target, self.new(size, n.label + " " + what), cast, what) for target, size, what, cast in n.grads]
+        self.release(n, gout)
+        for target, grad, cast, what in made:
+            if cast:  # the backward of autocast's cast (_to_copy): the gradient in the source's dtype
+                converted = self.new(cast, f"{n.label} {what} cast")
+                self.drop(grad)
+                grad = converted
+            self.route(target, grad)
+
+    def release(self, n: Node, *grads: int | None) -> None:
+        for t in n.saved:
+            self.tl.unref(t)
+        n.saved.clear()
+        self.drop(*grads)
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """How the step runs (see :class:`torchledger.workloads.train_step.TrainConfig`)."""
+
+    recipe: str = "32-true"
+    optimizer: str = "adamw"
+    optimizer_impl: str = "foreach"
+    checkpointing: str = "none"
+    grad_accum: int = 1
+    clip: bool = False
+
+
+class _Step:
+    """Shared parts of a training step: dtypes, the parameters, the loss head, the optimizer."""
+
+    def __init__(self, params: list[Param], config: StepConfig, device: str, buffers: int = 0) -> None:
+        self.r: Recipe = get_recipe(config.recipe)
+        self.config = config
+        self.device = device
+        self.c = dtype_bytes(self.r.compute_dtype)
+        self.p = dtype_bytes(self.r.param_dtype)
+        self.g = dtype_bytes(self.r.grad_dtype)
+        self.s = dtype_bytes(self.r.optimizer_dtype)
+        self.lp = 4 if self.r.autocast else self.p  # cross-entropy runs in fp32 under autocast
+        self.params = params
+        self.tl = Timeline(device)
+        for q in params:
+            self.tl.alloc(q.numel * self.p, q.name, "params")
+        if buffers:
+            self.tl.alloc(buffers, "buffers", "params")
+        states = OPTIMIZER_STATES[config.optimizer]
+        for q in params:
+            for _ in range(states):
+                self.tl.alloc(q.numel * self.s, f"{q.name} state", "optimizer")
+            if config.optimizer in ("adam", "adamw"):
+                self.tl.alloc(4, "step", "optimizer")  # Adam's fp32 step counter, one per tensor
+        self.graph = Graph(self.tl, self.g)
+        self.cache: dict[str, int] = {}  # autocast's cache of 16-bit copies of the weights
+
+    # -- forward helpers
+    def weight(self, q: Param, numel: int | None = None) -> tuple[int | None, int]:
+        """The weight as a matmul sees it: under autocast a 16-bit copy (``_to_copy``), cached until autocast
+        exits; returns (the copy or None, its gradient's cast bytes)."""
+        if not self.r.autocast:
+            return None, 0
+        if q.name not in self.cache:
+            self.cache[q.name] = self.tl.alloc((numel or q.numel) * self.c, f"{q.name} autocast copy")
+        return self.cache[q.name], (numel or q.numel) * self.g
+
+    def exit_autocast(self) -> None:
+        for t in self.cache.values():
+            self.tl.unref(t)
+        self.cache.clear()
+
+    def linear(self, label: str, x: int, x_bytes_per_row: int, rows: int, w: Param, out_features: int,
+               bias: Param | None, *, needs_input_grad: bool = True, input_target: int | None = None,
+               cast_input: bool = False) -> int:
+        """``F.linear`` (addmm / mm): the output; saves its input (for the weight's gradient) and, when the input
+        needs a gradient, the weight (its autocast copy). ``cast_input``: autocast casts an fp32 input to 16 bits
+        first (``_to_copy``), and the cast is what is saved."""
+        G = self.graph
+        if bias is not None and self.r.autocast:
+            self.weight(bias)
+        w_copy, w_cast = self.weight(w)
+        inp = x
+        in_cast = 0
+        if cast_input:
+            inp = G.new(rows * x_bytes_per_row // 4 * self.c, f"{label} input cast")
+            in_cast = rows * x_bytes_per_row
+        stop = G.mode == "recompute" and label.endswith(("mlp.proj", "mlp.down"))  # checkpoint's early stop
+        out = G.new(0 if stop else rows * out_features * self.c, label)
+        saved = [inp] + ([w_copy] if needs_input_grad and w_copy is not None else [])
+        grads: list[tuple[int | Param, int, str, int]] = []
+        target = input_target if input_target is not None else x
+        in_features = w.numel // out_features
+        if needs_input_grad:
+            grads.append((target, rows * in_features * self.c, "input grad", in_cast))
+        grads.append((w, w.numel * self.c if self.r.autocast else w.numel * self.g, "weight grad", w_cast))
+        if bias is not None:
+            grads.append((bias, bias.numel * (self.c if self.r.autocast else self.g), "bias grad",
+                          bias.numel * self.g if self.r.autocast else 0))
+        G.node(label, out, saved, grads)
+        if cast_input:
+            G.drop(inp)
+        return out
+
+    def cross_entropy(self, logits: int, rows: int, classes: int) -> tuple[int, int]:
+        """``F.cross_entropy``: under autocast an fp32 copy of the logits, ``_log_softmax`` (saved), ``nll_loss``;
+        returns (the loss, the log-probabilities)."""
+        G = self.graph
+        src = logits
+        # CUDA's autocast gives log_softmax an fp32 output dtype and its kernel reads the 16-bit logits (no fp32
+        # copy); its backward writes the logits' gradient in their 16-bit dtype (no fp32 gradient to cast down)
+        direct = self.r.autocast and self.tl.terms.log_softmax_half_to_float
+        if self.r.autocast and not direct:
+            src = G.new(rows * classes * 4, "cross-entropy fp32 logits")
+        logp = G.new(rows * classes * self.lp, "log_softmax")
+        cast = rows * classes * self.c if self.r.autocast and not direct else 0
+
+        def backward(n: Node) -> None:
+            d_nll = G.new(rows * classes * self.lp, "nll_loss grad")
+            d_logits = G.new(rows * classes * (self.c if direct else self.lp), "log_softmax grad")
+            G.drop(d_nll)
+            G.release(n)
+            if cast:
+                converted = G.new(cast, "logits grad cast")
+                G.drop(d_logits)
+                d_logits = converted
+            G.route(logits, d_logits)
+
+        G.node("loss", None, [logp], backward=backward)
+        if src != logits:
+            G.drop(src)
+        G.drop(logp)
+        return G.new(8, "loss"), logp
+
+    def backward(self) -> None:
+        G = self.graph
+        self.tl.phase = "backward"
+        nodes, G.nodes = G.nodes, []
+        for n in reversed(nodes):
+            G.run_node(n)
+        G.buffer.clear()
+
+    # -- after the backward
+    def finish(self) -> None:
+        """GradScaler's unscale and inf check (``16-mixed``), clipping, the optimizer step, ``zero_grad``."""
+        tl = self.tl
+        tl.phase = "optimizer"
+        n = len(self.params)
+        if self.config.recipe == "16-mixed":
+            # _amp_foreach_non_finite_check_and_unscale_ works in place; the inverse scale and found-inf flag
+            for label in ("inverse scale", "found inf"):
+                tl.alloc(4, f"grad scaler {label}")
+        if self.config.clip:
+            # clip_grad_norm_ (foreach): _foreach_norm makes one norm per tensor, stack and vector_norm the total;
+            # _foreach_mul_ scales the gradients in place
+            norms = [tl.alloc(self.g, "clip: per-tensor norm") for _ in range(n)]
+            stacked = tl.alloc(n * self.g, "clip: stacked norms")
+            total = tl.alloc(self.g, "clip: total norm")
+            for t in (*norms, stacked, total):
+                tl.unref(t)
+        self.optimizer_step()
+        for q in self.params:
+            if q.grad is not None:
+                tl.unref(q.grad)
+                q.grad = None
+
+    def optimizer_step(self) -> None:
+        """The optimizer's temporaries: SGD and momentum update in place (``_foreach_add_``, ``add_``); Adam and
+        AdamW ``foreach`` make ``torch._foreach_sqrt(exp_avg_sq)`` (one state-sized tensor per parameter, all at
+        once); ``for-loop`` makes ``exp_avg_sq.sqrt()`` and its quotient by the bias correction per parameter, the
+        previous parameter's denominator still referenced; ``fused`` makes none."""
+        tl, c = self.tl, self.config
+        name = f"{c.optimizer} {c.optimizer_impl}"
+        if OPTIMIZER_STATES[c.optimizer] != 2 or c.optimizer_impl == "fused":
+            tl.alloc(0, name)
+            return
+        if c.optimizer_impl == "foreach":
+            tl.alloc(4, f"{name} step increment")  # the scalar tensor _foreach_add_ adds to the step counters
+            sqrt = [tl.alloc(q.numel * self.s, f"{name} sqrt") for q in self.params]
+            for t in sqrt:
+                tl.unref(t)
+            return
+        previous = None
+        for q in self.params:
+            root = tl.alloc(q.numel * self.s, f"{name} sqrt ({q.name})")
+            denom = tl.alloc(q.numel * self.s, f"{name} denominator ({q.name})")
+            tl.unref(root)
+            if previous is not None:
+                tl.unref(previous)
+            previous = denom
+        if previous is not None:
+            tl.unref(previous)
+
+    def micro_batches(self, forward: Callable[[], tuple[int, int]]) -> None:
+        """``grad_accum`` micro-batches: forward (autocast exits after it), backward, then the logits released."""
+        for _ in range(self.config.grad_accum):
+            self.tl.phase = "forward"
+            logits, loss = forward()
+            self.exit_autocast()
+            self.backward()
+            self.graph.drop(loss, logits)
+
+
+# ------------------------------------------------------------------------------------------------ the workloads
+
+
+def _transformer_params(spec: ModelSpec) -> tuple[list[Param], dict[str, Param]]:
+    d, f, q, kv = spec.d_model, spec.d_ff, spec.q_dim, spec.kv_dim
+    ps: dict[str, Param] = {}
+
+    def add(name: str, numel: int) -> None:
+        ps[name] = Param(name, numel)
+
+    if spec.family == "gpt2":
+        add("wte", spec.vocab_size * d)
+        add("wpe", spec.max_seq_len * d)
+        for i in range(spec.n_layers):
+            b = f"block {i} "
+            layer = [("ln_1.weight", d), ("ln_1.bias", d), ("attn.qkv.weight", d * (q + 2 * kv)),
+                     ("attn.qkv.bias", q + 2 * kv), ("attn.proj.weight", q * d), ("attn.proj.bias", d),
+                     ("ln_2.weight", d), ("ln_2.bias", d), ("mlp.fc.weight", d * f), ("mlp.fc.bias", f),
+                     ("mlp.proj.weight", f * d), ("mlp.proj.bias", d)]
+            for name, numel in layer:
+                if spec.bias or not name.endswith(".bias") or name.startswith("ln"):
+                    add(b + name, numel)
+        add("ln_f.weight", d)
+        add("ln_f.bias", d)
+        if not spec.tied_embeddings:
+            add("lm_head", spec.vocab_size * d)
+    else:
+        add("embed_tokens", spec.vocab_size * d)
+        for i in range(spec.n_layers):
+            b = f"block {i} "
+            for name, numel in [("norm_1.weight", d), ("attn.q.weight", d * q), ("attn.k.weight", d * kv),
+                                ("attn.v.weight", d * kv), ("attn.o.weight", q * d), ("norm_2.weight", d),
+                                ("mlp.gate.weight", d * f), ("mlp.up.weight", d * f), ("mlp.down.weight", f * d)]:
+                add(b + name, numel)
+        add("norm.weight", d)
+        if not spec.tied_embeddings:
+            add("lm_head", spec.vocab_size * d)
+    return list(ps.values()), ps
+
+
+class _TransformerStep(_Step):
+    def __init__(self, spec: ModelSpec, batch: int, seq_len: int, config: StepConfig, device: str) -> None:
+        params, self.ps = _transformer_params(spec)
+        buffers = 2 * spec.max_seq_len * spec.head_dim * dtype_bytes(get_recipe(config.recipe).param_dtype) \
+            if spec.family == "llama" else 0
+        super().__init__(params, config, device, buffers)
+        self.spec, self.batch, self.seq = spec, batch, seq_len
+        self.rows = batch * seq_len
+        emb = self.ps["wte" if spec.family == "gpt2" else "embed_tokens"]
+        self.embedding = emb
+        self.head = emb if spec.tied_embeddings else self.ps["lm_head"]
+        if spec.tied_embeddings:
+            emb.uses = 2
+        # the residual stream: fp32 under autocast (fp32 embeddings plus 16-bit branches promote)
+        self.res = self.p
+        # LayerNorm's mean and rstd: fp32, but kept in the input's 16-bit dtype on the CPU
+        self.stats = 4 if (self.r.autocast or device != "cpu") else self.p
+
+    # -- pieces of a block
+    def layer_norm(self, label: str, x: int, w: Param, b: Param | None) -> int:
+        """``native_layer_norm``: output, mean and rstd; saves the input and the statistics. LLaMA's ``F.rms_norm``
+        on the CPU: ``pow`` (fp32, a temporary), ``mean``, ``rsqrt``, the fp32 normalized tensor and the output;
+        saves the fp32 input (a copy when the input is 16-bit), the rstd and the normalized tensor."""
+        G, rows, d = self.graph, self.rows, self.spec.d_model
+        if b is not None:
+            out = G.new(rows * d * self.res, label)
+            stats = [G.new(rows * self.stats, f"{label} mean"), G.new(rows * self.stats, f"{label} rstd")]
+            G.node(label, out, [x, *stats], [(x, rows * d * self.res, "input grad", 0), (w, d * self.g, "weight grad",
+                                                                                      0),
+                                              (b, d * self.g, "bias grad", 0)])
+            G.drop(*stats)
+            return out
+        if self.tl.terms.fused_rms_norm:
+            # CUDA's fused kernel (_fused_rms_norm): the output and the fp32 rstd; saves the input as it is and the
+            # rstd; its backward writes the input's gradient in the input's dtype
+            out = G.new(rows * d * (4 if self.r.autocast else self.p), label)
+            rstd = G.new(rows * 4, f"{label} rstd")
+            G.node(label, out, [x, rstd], [(x, rows * d * self.res, "input grad", 0), (w, d * self.g, "weight grad",
+                                                                                     0)])
+            G.drop(rstd)
+            return out
+        x32 = x
+        if self.res != 4:
+            x32 = G.new(rows * d * 4, f"{label} fp32 input")
+        sq = G.new(rows * d * 4, f"{label} pow")
+        mean = G.new(rows * 4, f"{label} mean")
+        rstd = G.new(rows * 4, f"{label} rsqrt")
+        G.drop(mean, sq)
+        normed = G.new(rows * d * 4, f"{label} normalized")
+        out = G.new(rows * d * (4 if self.r.autocast else self.p), label)
+        # backward: the gradient of the normalized tensor, of the weight (summed over rows) and of the input
+        G.node(label, out, [x32, rstd, normed], [(x, rows * d * 4, "input grad", 0 if self.res == 4 else rows * d
+                                                  * self.res), (w, d * self.g, "weight grad", 0)])
+        G.drop(rstd, normed)
+        if x32 != x:
+            G.drop(x32)
+        return out
+
+    def proj(self, label: str, x: int, w: Param, out_features: int, bias: Param | None) -> int:
+        """A projection of ``x`` (B T in): under autocast a 16-bit cast of an fp32 input is made for each."""
+        in_features = w.numel // out_features
+        fp32_input = self.r.autocast and self.tl.size(x) == self.rows * in_features * 4
+        return self.linear(label, x, in_features * (4 if fp32_input else self.c), self.rows, w, out_features, bias,
+                           cast_input=fp32_input)
+
+    def sdpa(self, label: str, q: int, k: int, v: int, qkv: int | None) -> int:
+        """``scaled_dot_product_attention`` (flash kernel): output and fp32 log-sum-exp; saves q, k, v (views of
+        the fused qkv for GPT-2), the output and the log-sum-exp. Backward: dq, dk, dv, then ``cat`` into the
+        fused qkv's gradient (GPT-2)."""
+        G, s, rows = self.graph, self.spec, self.rows
+        out = G.new(rows * s.q_dim * self.c, label)
+        lse = G.new(self.batch * s.n_heads * self.seq * 4, f"{label} logsumexp")
+        sizes = (rows * s.q_dim * self.c, rows * s.kv_dim * self.c, rows * s.kv_dim * self.c)
+        inputs = (q, k, v)
+
+        def backward(n: Node) -> None:
+            gout = G.buffer.pop(out)
+            grads = [G.new(size, f"{label} grad") for size in sizes]
+            G.release(n, gout)
+            if qkv is not None:
+                fused = G.new(sum(sizes), f"{label} qkv grad (cat)")
+                G.drop(*grads)
+                G.route(qkv, fused)
+            else:
+                for t, grad in zip(inputs, grads, strict=True):
+                    G.route(t, grad)
+
+        saved = [qkv] if qkv is not None else [q, k, v]
+        G.node(label, out, [*saved, out, lse], backward=backward)
+        G.drop(lse)
+        return out
+
+    def rotary(self, label: str, x: int, width: int) -> int:
+        """``x * cos + rotate_half(x) * sin`` (``neg``, ``cat``, two ``mul``, ``add``): saves only the tables;
+        backward: the two products' gradients and ``rotate_half``'s (slices of a ``neg``)."""
+        G, rows = self.graph, self.rows
+        b = 4 if self.r.autocast else self.p  # fp32 tables promote a 16-bit input under autocast
+        a = G.new(rows * width * b, f"{label} x cos")
+        neg = G.new(rows * width * self.c // 2, f"{label} neg")
+        rot = G.new(rows * width * self.c, f"{label} cat")
+        G.drop(neg)
+        m = G.new(rows * width * b, f"{label} rotated x sin")
+        G.drop(rot)
+        out = G.new(rows * width * b, label)
+        G.drop(a, m)
+        cast = 0
+        if self.r.autocast:  # scaled_dot_product_attention casts to 16 bits
+            c16 = G.new(rows * width * self.c, f"{label} cast")
+            G.drop(out)
+            out, cast = c16, rows * width * self.c
+
+        def backward(n: Node) -> None:
+            gout = G.buffer.pop(out)
+            if cast:
+                g32 = G.new(rows * width * 4, f"{label} grad cast")
+                G.drop(gout)
+                gout = g32
+            d1 = G.new(rows * width * b, f"{label} grad x cos")
+            d2 = G.new(rows * width * b, f"{label} grad x sin")
+            d3 = G.new(rows * width * b, f"{label} grad rotate_half")
+            G.drop(d2)
+            dsum = G.new(rows * width * b, f"{label} grad sum")
+            G.drop(d1, d3)
+            G.release(n, gout)
+            if b != self.c:
+                c16 = G.new(rows * width * self.c, f"{label} grad cast")
+                G.drop(dsum)
+                dsum = c16
+            G.route(x, dsum)
+
+        G.node(label, out, backward=backward)
+        G.drop(x)
+        return out
+
+    def add(self, label: str, a: int, branch: int) -> int:
+        """The residual sum (saves nothing; its backward passes the gradient to both sides)."""
+        G = self.graph
+        # under checkpointing the recomputation stops before the block's last op (nothing after it is saved)
+        stop = G.mode == "recompute" and label.endswith("mlp residual")
+        out = G.new(0 if stop else self.rows * self.spec.d_model * self.res, label)
+        branch_bytes, res_bytes = self.rows * self.spec.d_model * self.c, self.rows * self.spec.d_model * self.res
+
+        def backward(n: Node) -> None:
+            gout = G.buffer.pop(out)
+            G.tl.ref(gout)
+            G.route(a, gout)
+            if branch_bytes != res_bytes:  # the 16-bit branch: its gradient cast down
+                c16 = G.new(branch_bytes, f"{label} grad cast")
+                G.drop(gout)
+                gout = c16
+            G.route(branch, gout)
+
+        G.node(label, out, backward=backward)
+        G.drop(branch)
+        return out
+
+    def gpt_block(self, i: int, x: int) -> int:
+        s, G, ps = self.spec, self.graph, self.ps
+        b = f"block {i} "
+
+        def bias(name: str) -> Param | None:
+            return ps.get(b + name)
+
+        h = self.layer_norm(b + "ln_1", x, ps[b + "ln_1.weight"], ps[b + "ln_1.bias"])
+        qkv = self.proj(b + "attn.qkv", h, ps[b + "attn.qkv.weight"], s.q_dim + 2 * s.kv_dim, bias("attn.qkv.bias"))
+        G.drop(h)
+        y = self.sdpa(b + "attn.sdpa", qkv, qkv, qkv, qkv)
+        G.drop(qkv)
+        a = self.proj(b + "attn.proj", y, ps[b + "attn.proj.weight"], s.d_model, bias("attn.proj.bias"))
+        G.drop(y)
+        x2 = self.add(b + "attn residual", x, a)
+        h = self.layer_norm(b + "ln_2", x2, ps[b + "ln_2.weight"], ps[b + "ln_2.bias"])
+        u = self.proj(b + "mlp.fc", h, ps[b + "mlp.fc.weight"], s.d_ff, bias("mlp.fc.bias"))
+        G.drop(h)
+        gelu = G.new(self.rows * s.d_ff * self.c, b + "mlp.gelu")
+        G.node(b + "mlp.gelu", gelu, [u], [(u, self.rows * s.d_ff * self.c, "grad", 0)])
+        G.drop(u)
+        m = self.proj(b + "mlp.proj", gelu, ps[b + "mlp.proj.weight"], s.d_model, bias("mlp.proj.bias"))
+        G.drop(gelu)
+        out = self.add(b + "mlp residual", x2, m)
+        G.drop(x2)
+        return out
+
+    def llama_block(self, i: int, x: int) -> int:
+        s, G, ps, rows = self.spec, self.graph, self.ps, self.rows
+        b = f"block {i} "
+        h = self.layer_norm(b + "norm_1", x, ps[b + "norm_1.weight"], None)
+        q = self.rotary(b + "attn.q rotary", self.proj(b + "attn.q", h, ps[b + "attn.q.weight"], s.q_dim, None),
+                        s.q_dim)
+        k = self.rotary(b + "attn.k rotary", self.proj(b + "attn.k", h, ps[b + "attn.k.weight"], s.kv_dim, None),
+                        s.kv_dim)
+        v = self.proj(b + "attn.v", h, ps[b + "attn.v.weight"], s.kv_dim, None)
+        G.drop(h)
+        y = self.sdpa(b + "attn.sdpa", q, k, v, None)
+        G.drop(q, k, v)
+        a = self.proj(b + "attn.o", y, ps[b + "attn.o.weight"], s.d_model, None)
+        G.drop(y)
+        x2 = self.add(b + "attn residual", x, a)
+        h = self.layer_norm(b + "norm_2", x2, ps[b + "norm_2.weight"], None)
+        gate = self.proj(b + "mlp.gate", h, ps[b + "mlp.gate.weight"], s.d_ff, None)
+        f = rows * s.d_ff * self.c
+        silu = G.new(f, b + "mlp.silu")
+        G.node(b + "mlp.silu", silu, [gate], [(gate, f, "grad", 0)])
+        G.drop(gate)
+        up = self.proj(b + "mlp.up", h, ps[b + "mlp.up.weight"], s.d_ff, None)
+        G.drop(h)
+        prod = G.new(f, b + "mlp.mul")
+        G.node(b + "mlp.mul", prod, [silu, up], [(silu, f, "grad silu", 0), (up, f, "grad up", 0)])
+        G.drop(silu, up)
+        m = self.proj(b + "mlp.down", prod, ps[b + "mlp.down.weight"], s.d_model, None)
+        G.drop(prod)
+        out = self.add(b + "mlp residual", x2, m)
+        G.drop(x2)
+        return out
+
+    def block(self, i: int, x: int) -> int:
+        return (self.gpt_block if self.spec.family == "gpt2" else self.llama_block)(i, x)
+
+    def checkpointed_block(self, i: int, x: int) -> int:
+        """Non-reentrant ``torch.utils.checkpoint``: the forward keeps only the block's input (the checkpoint
+        holds it) and output; the backward recomputes the block (under the forward's autocast state) up to the
+        last tensor it saves (early stop), then runs its nodes."""
+        G = self.graph
+        G.mode = "checkpoint"
+        start = len(G.nodes)
+        G.tl.ref(x)  # saved by the checkpoint's own node (save_for_backward, outside its hooks): an activation
+        G.tl.recategorize(x, "activations")
+        out = self.block(i, x)
+        G.mode = "normal"
+        inner = G.nodes[start:]
+        del G.nodes[start:]
+
+        def backward(n: Node) -> None:
+            gout = G.buffer.pop(out)
+            G.mode = "recompute"
+            mark = len(G.nodes)
+            saved_cache = dict(self.cache)
+            self.cache.clear()
+            rec_out = self.block(i, x)
+            self.exit_autocast()
+            self.cache.update(saved_cache)
+            G.mode = "normal"
+            nodes = G.nodes[mark:]
+            del G.nodes[mark:]
+            G.drop(rec_out)  # made empty: the recomputation stops before it
+            G.buffer[rec_out] = gout
+            for m in reversed(nodes):
+                G.run_node(m)
+            G.drop(x)
+
+        del inner
+        G.node(f"block {i} checkpoint", out, backward=backward)
+        return out
+
+    def forward(self) -> tuple[int, int]:
+        s, G, rows, d = self.spec, self.graph, self.rows, self.spec.d_model
+        emb = self.embedding
+        if s.family == "gpt2":
+            pos = G.new(self.seq * 8, "position ids")
+            tok = G.new(rows * d * self.p, "wte")
+            pe = G.new(self.seq * d * self.p, "wpe")
+            x = G.new(rows * d * self.p, "embedding sum")
+            G.drop(tok, pe)
+            wpe = self.ps["wpe"]
+
+            def backward(n: Node, x: int = x) -> None:
+                gout = G.buffer.pop(x)
+                summed = G.new(self.seq * d * self.g, "wpe grad (sum over the batch)")
+                dense = G.new(wpe.numel * self.g, "wpe grad (embedding_dense_backward)")
+                G.drop(summed)
+                G.release(n)
+                dtok = G.new(emb.numel * self.g, "wte grad (embedding_dense_backward)")
+                G.drop(gout)
+                G.route(wpe, dense)
+                G.route(emb, dtok)
+
+            G.node("embedding", x, [pos], backward=backward)
+            G.drop(pos)
+        else:
+            x = G.new(rows * d * self.p, "embed_tokens")
+
+            def backward(n: Node, x: int = x) -> None:
+                gout = G.buffer.pop(x)
+                dtok = G.new(emb.numel * self.g, "embed_tokens grad (embedding_dense_backward)")
+                G.drop(gout)
+                G.route(emb, dtok)
+
+            G.node("embedding", x, backward=backward)
+        for i in range(s.n_layers):
+            nxt = self.checkpointed_block(i, x) if self.config.checkpointing == "full" else self.block(i, x)
+            G.drop(x)
+            x = nxt
+        if s.family == "gpt2":
+            h = self.layer_norm("ln_f", x, self.ps["ln_f.weight"], self.ps["ln_f.bias"])
+        else:
+            h = self.layer_norm("norm", x, self.ps["norm.weight"], None)
+        G.drop(x)
+        logits = self.proj("lm_head", h, self.head, s.vocab_size, None)
+        G.drop(h)
+        # ``targets.view(-1)``: the caller's targets, viewed by an op, saved by ``nll_loss``
+        targets = G.new(rows * 8, "targets view")
+        G.node("targets", None, [targets], backward=lambda n: G.release(n))
+        G.drop(targets)
+        loss, _ = self.cross_entropy(logits, rows, s.vocab_size)
+        return logits, loss
+
+
+class _MLPStep(_Step):
+    def __init__(self, spec: MLPSpec, batch: int, config: StepConfig, device: str) -> None:
+        params = []
+        for i, (a, b) in enumerate(pairwise(spec.dims)):
+            params += [Param(f"layer {i} weight", a * b), Param(f"layer {i} bias", b)]
+        super().__init__(params, config, device)
+        self.spec, self.batch = spec, batch
+
+    def forward(self) -> tuple[int, int]:
+        """Linear (addmm) and ReLU (saves its output, which the next Linear saves too); the input batch belongs
+        to the caller (its autocast cast does not)."""
+        G, B, dims = self.graph, self.batch, self.spec.dims
+        x = G.new(0, "input")
+        n = len(dims) - 1
+        for i in range(n):
+            a, b = dims[i], dims[i + 1]
+            w, bias = self.params[2 * i], self.params[2 * i + 1]
+            out = self.linear(f"layer {i}", x, a * (4 if (i == 0 and self.r.autocast) else self.c), B, w, b, bias,
+                              needs_input_grad=i > 0, cast_input=i == 0 and self.r.autocast)
+            G.drop(x)
+            if i < n - 1:
+                relu = G.new(B * b * self.c, f"relu {i}")
+                G.node(f"relu {i}", relu, [relu], [(out, B * b * self.c, "grad", 0)])
+                G.drop(out)
+                out = relu
+            x = out
+        loss, _ = self.cross_entropy(x, B, dims[-1])
+        return x, loss
+
+
+class _CNNStep(_Step):
+    def __init__(self, spec: CNNSpec, batch: int, config: StepConfig, device: str) -> None:
+        widths = (spec.in_channels, *spec.channels)
+        params = []
+        for i, (a, b) in enumerate(pairwise(widths)):
+            params += [Param(f"conv {i} weight", a * b * 9), Param(f"conv {i} bias", b)]
+        params += [Param("head weight", spec.channels[-1] * spec.n_classes), Param("head bias", spec.n_classes)]
+        super().__init__(params, config, device)
+        self.spec, self.batch = spec, batch
+
+    def forward(self) -> tuple[int, int]:
+        """``convolution`` (saves its input and weight), ReLU, the global mean (its backward: ``div`` expands the
+        gradient to B C H W), the Linear head."""
+        G, B, s = self.graph, self.batch, self.spec
+        px = s.image_size**2
+        widths = (s.in_channels, *s.channels)
+        x = G.new(0, "input")
+        if self.r.autocast:
+            cast = G.new(B * s.in_channels * px * self.c, "input cast")
+            G.drop(x)
+            x = cast
+        for i, (a, b) in enumerate(pairwise(widths)):
+            w, bias = self.params[2 * i], self.params[2 * i + 1]
+            if self.r.autocast:
+                self.weight(bias)
+            w_copy, w_cast = self.weight(w)
+            conv = G.new(B * b * px * self.c, f"conv {i}")
+            grads: list[tuple[int | Param, int, str, int]] = []
+            if i > 0:
+                grads.append((x, B * a * px * self.c, "input grad", 0))
+            grads.append((w, w.numel * (self.c if self.r.autocast else self.g), "weight grad", w_cast))
+            grads.append((bias, b * (self.c if self.r.autocast else self.g), "bias grad",
+                          b * self.g if self.r.autocast else 0))
+            G.node(f"conv {i}", conv, [x] + ([w_copy] if w_copy is not None else []), grads)
+            G.drop(x)
+            relu = G.new(B * b * px * self.c, f"relu {i}")
+            G.node(f"relu {i}", relu, [relu], [(conv, B * b * px * self.c, "grad", 0)])
+            G.drop(conv)
+            x = relu
+        last = s.channels[-1]
+        pooled = G.new(B * last * self.c, "mean pool")
+        G.node("mean pool", pooled, [], [(x, B * last * px * self.c, "grad (div)", 0)])
+        G.drop(x)
+        logits = self.linear("head", pooled, last * self.c, B, self.params[-2], s.n_classes, self.params[-1])
+        G.drop(pooled)
+        loss, _ = self.cross_entropy(logits, B, s.n_classes)
+        return logits, loss
+
+
+@dataclass(frozen=True)
+class StepTimeline:
+    """The result of walking a step: the peak moment and the largest moment of each phase."""
+
+    peak: Moment
+    phases: dict[str, Moment]
+
+
+def _walk(step: _Step, forward: Callable[[], tuple[int, int]]) -> StepTimeline:
+    step.micro_batches(forward)
+    step.finish()
+    assert step.tl.peak is not None
+    return StepTimeline(step.tl.peak, {p: step.tl.phase_peaks[p] for p in PHASES})
+
+
+def transformer_timeline(spec: ModelSpec, batch: int, seq_len: int, config: StepConfig,
+                         device: str = "cpu") -> StepTimeline:
+    """Walk one training step of the reference transformer (:mod:`torchledger.workloads.models`)."""
+    step = _TransformerStep(spec, batch, seq_len, config, device)
+    return _walk(step, step.forward)
+
+
+def mlp_timeline(spec: MLPSpec, batch: int, config: StepConfig, device: str = "cpu") -> StepTimeline:
+    """Walk one training step of the reference MLP."""
+    step = _MLPStep(spec, batch, config, device)
+    return _walk(step, step.forward)
+
+
+def cnn_timeline(spec: CNNSpec, batch: int, config: StepConfig, device: str = "cpu") -> StepTimeline:
+    """Walk one training step of the reference CNN."""
+    step = _CNNStep(spec, batch, config, device)
+    return _walk(step, step.forward)
