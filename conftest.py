@@ -6,6 +6,7 @@ the CPU test parametrized by device, and the CUDA case is skipped with the reaso
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         choices=("cpu", "cuda"),
         default=None,
         help="device the benchmarks run on; default: cuda when available, else cpu",
+    )
+    group.addoption(
+        "--ledger-memory-log",
+        metavar="PATH",
+        default=None,
+        help="append one JSON line per measured memory case (configuration, device, measured and predicted peaks "
+        "and categories) to PATH: the records results/<device>/memory-cases.jsonl keeps for replay",
+    )
+    group.addoption(
+        "--ledger-snapshot-dir",
+        metavar="DIR",
+        default=None,
+        help="for every memory case more than 1%% off its prediction, measure it again and write its memory "
+        "snapshot (memory_viz's format) into DIR",
     )
 
 
@@ -128,3 +143,50 @@ def pytest_benchmark_compare_machine_info(config: pytest.Config, benchmarksessio
             f"comparing runs from different hardware: this run is {ours!r}, the saved one {theirs!r}; "
             "differences measure the machines, not the change"
         )
+
+
+SNAPSHOT_THRESHOLD = 0.01
+
+
+@pytest.fixture
+def memory_record(request: pytest.FixtureRequest) -> Callable[..., None]:
+    """``memory_record(case, measured, predicted, kind="train", snapshot=None)`` files one measured memory case:
+    a JSON line in ``--ledger-memory-log``, and, when it is more than 1% off and ``--ledger-snapshot-dir`` is given,
+    a snapshot written by ``snapshot(path)`` (a callable that measures the case again with ``snapshot=path``)."""
+    log = request.config.getoption("--ledger-memory-log")
+    snapshots = request.config.getoption("--ledger-snapshot-dir")
+
+    def record(case: Any, measured: Any, predicted: Any, *, kind: str = "train",
+               snapshot: Callable[[Path], object] | None = None) -> None:
+        if not log and not snapshots:
+            return
+        import json
+        import os
+        import re
+
+        from torchledger.measuring.training import device_record
+
+        error = abs(predicted.peak - measured.peak) / measured.peak if measured.peak else 0.0
+        entry: dict[str, Any] = {
+            "source": request.node.nodeid, "device": device_record(measured.device), "case": case.to_record(kind),
+            "baseline": "after both cuBLAS workspaces, before the model is built",
+            "measured": {"peak": measured.peak, "by_category": measured.by_category,
+                         "library_workspaces": measured.library_workspaces, "reserved_peak": measured.reserved_peak},
+            "predicted": {"peak": predicted.peak, "by_category": predicted.breakdown(),
+                          "moment": getattr(predicted, "moment", None)},
+        }
+        if snapshots and snapshot is not None and error > SNAPSHOT_THRESHOLD:
+            folder = Path(snapshots)
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / (re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name) + ".pickle")
+            snapshot(path)
+            entry["snapshot"] = path.name
+        if log:
+            line = (json.dumps(entry) + "\n").encode()
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, line)  # one write per record: workers appending at once do not interleave lines
+            finally:
+                os.close(fd)
+
+    return record

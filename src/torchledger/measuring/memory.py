@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
+from torchledger.formulas.device import allocator_block_bytes
+
 CATEGORIES = ("params", "grads", "optimizer", "activations", "temporaries")
 # CUDA only: what the caching allocator holds at its peak beyond the tracked tensors (512-byte rounding of every
 # block, library workspaces made during the step, cuDNN's per-algorithm workspaces, the step's inputs excepted)
@@ -276,26 +278,23 @@ def cuda_warmup(device: torch.device | str = "cuda") -> int:
     CUDA tensors on a device thread of its own, so a forward matmul makes the calling thread's workspace and a
     backward matmul the autograd thread's: both run here. Without the second, a process's first training step
     shows one more workspace than a steady-state one (LLaMA-7B measured 33,562,624 B above its prediction on an
-    H200: 32 MiB and sixteen 512-byte blocks).
+    H200, 32 MiB of it this workspace).
     """
     torch.cuda.synchronize(device)
     before = int(torch.cuda.memory_allocated(device))
     a = torch.ones(16, 16, device=device, requires_grad=True)
-    (a @ a).sum().backward()
+    bias = torch.ones(16, device=device, requires_grad=True)
+    # a plain matmul (cuBLAS) and a biased Linear (addmm through cuBLASLt's bias epilogue, whose workspace is its
+    # own unless PyTorch unifies the two), forward on this thread and backward on the autograd engine's
+    (a @ a + torch.nn.functional.linear(a, a, bias)).sum().backward()
     torch.cuda.synchronize(device)
-    del a
+    del a, bias
     return int(torch.cuda.memory_allocated(device)) - before
 
 
 def cuda_allocated(device: torch.device | str = "cuda") -> int:
     torch.cuda.synchronize(device)
     return int(torch.cuda.memory_allocated(device))
-
-
-def allocator_block_bytes(nbytes: int) -> int:
-    """What the CUDA caching allocator counts for a request of ``nbytes``: rounded up to a multiple of 512 B
-    (``kMinBlockSize`` in c10/cuda/CUDACachingAllocator.cpp); 0 stays 0."""
-    return -(-nbytes // 512) * 512
 
 
 def measure_cuda(fn: Callable[[], object], *, base: int, device: torch.device | str = "cuda",

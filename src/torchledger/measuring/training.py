@@ -97,10 +97,12 @@ class MemoryCase:
     def transformer_spec(self) -> ModelSpec:
         return self.spec if self.spec is not None else get_preset(self.workload)
 
-    def predict(self) -> TrainPeak:
+    def predict(self, device: str = "cpu") -> TrainPeak:
+        """The predicted step on ``device`` (``cpu``, ``cuda``, ``simulated``: the terms of
+        :mod:`torchledger.formulas.device` it includes)."""
         c = self.config
         common = {"recipe": c.precision, "optimizer": c.optimizer, "grad_accum": c.grad_accum,
-                  "optimizer_impl": c.optimizer_impl}
+                  "optimizer_impl": c.optimizer_impl, "clip": c.clip_grad_norm is not None, "device": device}
         if self.workload == "mlp":
             return mlp_train_peak_bytes(self.mlp, self.batch, **common)  # type: ignore[arg-type]
         if self.workload == "cnn":
@@ -236,3 +238,14 @@ def relative_error(predicted: int, measured: int) -> float:
     """|predicted - measured| / measured."""
     return abs(predicted - measured) / measured
 
+
+
+def device_record(device: str) -> dict[str, Any]:
+    """What a memory record says of the device it was measured on: its name, and on CUDA the compute capability and
+    the torch and CUDA versions (the terms of :mod:`torchledger.formulas.device` depend on them)."""
+    out: dict[str, Any] = {"name": device, "torch": torch.__version__}
+    if device.startswith("cuda"):
+        index = torch.device(device).index or 0
+        out.update(name=torch.cuda.get_device_name(index),
+                   compute_capability=list(torch.cuda.get_device_capability(index)), cuda=torch.version.cuda)
+    return out
