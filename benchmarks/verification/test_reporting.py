@@ -129,3 +129,22 @@ def test_too_short_a_history_is_not_judged(tmp_path: Path) -> None:
     (comparison,) = [compare_history(h) for h in load_runs([tmp_path]).values()]
     assert comparison.findings == [] and len(comparison.short_history) == len(BENCHES)
     assert main(["regress", str(tmp_path), "--min-history", "1"]) == 1
+
+
+def test_runs_of_one_commit_make_one_complete_run(tmp_path: Path) -> None:
+    # one machine's suite run in two invocations (one per group), as a time-limited GPU session runs it: the report
+    # shows both groups; a newer commit's run stands alone
+    from torchledger.reporting.results import newest_results
+
+    first = write_run(tmp_path, 1, {"test_matmul[fp32]": 1e-3})
+    second = write_run(tmp_path, 2, {"test_epochs[workers2]": 2e-3})
+    for path in (first, second):
+        data = json.loads(path.read_text())
+        data["commit_info"]["id"] = "a" * 40
+        path.write_text(json.dumps(data))
+    (history,) = load_runs([tmp_path]).values()
+    merged = newest_results(history)
+    assert sorted(n.split("::")[-1] for n in merged.results) == ["test_epochs[workers2]", "test_matmul[fp32]"]
+    write_run(tmp_path, 3, {"test_matmul[bf16]": 1e-3})  # another commit
+    (history,) = load_runs([tmp_path]).values()
+    assert [n.split("::")[-1] for n in newest_results(history).results] == ["test_matmul[bf16]"]

@@ -5,14 +5,16 @@ medians over the last ``window`` runs. A change is reported only when it is both
 threshold, 10% by default: TorchBench treats deltas under about 7% as noise on tuned machines, asv defaults to 5%)
 and clear of the noise (more than ``sigmas`` times the combined spread: the history's robust standard deviation,
 1.4826 x MAD, and the newest run's own, IQR / 1.349). A benchmark with fewer than ``min_history`` earlier runs has
-no noise estimate yet and is listed as such, never as a regression.
+no noise estimate yet and is listed as such, never as a regression. A benchmark whose newest statistics are not valid
+(left out of its run when read, or a median that is not a finite number > 0) is listed as invalid, never as unchanged;
+earlier medians that are not finite numbers > 0 are left out of the baseline.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torchledger.reporting.results import Run
 
@@ -44,6 +46,7 @@ class Comparison:
     stable: int
     unseen: list[str]
     short_history: list[str]
+    invalid: list[str] = field(default_factory=list)
 
     @property
     def regressions(self) -> list[Finding]:
@@ -58,15 +61,25 @@ def compare_history(history: list[Run], *, window: int = 5, threshold: float = 0
         raise ValueError("history is empty: no runs to compare")
     if window < 1:
         raise ValueError(f"window={window} must be >= 1")
-    if not threshold > 0:
-        raise ValueError(f"threshold={threshold} must be > 0")
+    if not (math.isfinite(threshold) and threshold > 0):
+        raise ValueError(f"threshold={threshold} must be a finite number > 0")
+    if not (math.isfinite(sigmas) and sigmas > 0):
+        raise ValueError(f"sigmas={sigmas} must be a finite number > 0")
+    for group, value in (group_thresholds or {}).items():
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"group_thresholds[{group!r}]={value} must be a finite number > 0")
     newest, previous = history[-1], history[-1 - window:-1]
     findings: list[Finding] = []
     stable = 0
     unseen: list[str] = []
     short: list[str] = []
+    invalid = set(newest.invalid)
     for name, result in sorted(newest.results.items()):
-        values = [run.results[name].median for run in previous if name in run.results]
+        if not (_valid(result.median) and math.isfinite(result.iqr) and result.iqr >= 0):
+            invalid.add(name)
+            continue
+        values = [run.results[name].median for run in previous
+                  if name in run.results and _valid(run.results[name].median)]
         if not values:
             unseen.append(name)
             continue
@@ -88,7 +101,11 @@ def compare_history(history: list[Run], *, window: int = 5, threshold: float = 0
         else:
             findings.append(Finding(name, result.group, kind, base, result.median, noise, len(values)))
     return Comparison(machine=newest.machine, newest=newest, baseline_runs=len(previous), findings=findings,
-                      stable=stable, unseen=unseen, short_history=short)
+                      stable=stable, unseen=unseen, short_history=short, invalid=sorted(invalid))
+
+
+def _valid(median: float) -> bool:
+    return math.isfinite(median) and median > 0
 
 
 def _seconds(x: float) -> str:
@@ -98,9 +115,14 @@ def _seconds(x: float) -> str:
     return f"{x / 1e-9:.3g} ns"
 
 
-def markdown(comparisons: list[Comparison]) -> str:
-    """A Markdown summary: per machine, what got slower or faster and by how much."""
+def markdown(comparisons: list[Comparison], unjudged: dict[str, str] | None = None) -> str:
+    """A Markdown summary: per machine, what got slower or faster and by how much.
+
+    ``unjudged`` maps machines that were not compared to the reason (e.g. their newest run is not a valid run).
+    """
     lines = ["# Benchmark regressions", ""]
+    for machine, reason in sorted((unjudged or {}).items()):
+        lines += [f"## {machine}", "", f"This machine is not judged: {reason}.", ""]
     for c in comparisons:
         lines.append(f"## {c.machine}")
         lines.append("")
@@ -122,5 +144,8 @@ def markdown(comparisons: list[Comparison]) -> str:
         lines.append(f"{len(c.regressions)} regression(s), {len(c.findings) - len(c.regressions)} improvement(s), "
                      f"{c.stable} unchanged within noise, {len(c.short_history)} with too short a history to judge, "
                      f"{len(c.unseen)} new benchmark(s) without history.")
+        if c.invalid:
+            lines.append("")
+            lines.append(f"{len(c.invalid)} with invalid statistics, not judged: {', '.join(c.invalid)}.")
         lines.append("")
     return "\n".join(lines)

@@ -5,19 +5,28 @@
 - a roofline chart: achieved FLOP/s against arithmetic intensity for the matmuls that recorded both, under each
   machine's ceilings (the hardware table's peaks on GPUs; on a CPU, its own measured matmul peak and copy bandwidth);
 - predicted against measured peak memory for every benchmark that recorded both.
+
+A figure in ``extra_info`` that is present but not a finite number > 0 is named (file, benchmark, field) in a warning
+and its benchmark is left out of the chart and table that need it. The report is built in a new folder of its own
+beside the target and renamed onto it when whole: nothing is ever deleted but that folder, and an existing report
+is never replaced, not even by a report built at the same moment.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
+import stat
 import sys
+import tempfile
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from torchledger.formulas.hardware import lookup_device
-from torchledger.reporting.results import Run
+from torchledger.formulas.hardware import DEVICES, DeviceSpec
+from torchledger.reporting.results import Run, SkippedData, finite, newest_results, shown
 from torchledger.reporting.units import format_bytes
 
 
@@ -25,55 +34,96 @@ def _progress(step: int, total: int, what: str) -> None:
     print(f"[{step}/{total}] {what}", file=sys.stderr, flush=True)
 
 
+def _cell(value: object) -> str:
+    """A value read from a file, on one line and safe inside a Markdown table cell."""
+    return " ".join(str(value).split()).replace("|", "\\|")
+
+
+def _bytes(value: object) -> str:
+    number = finite(value)
+    return format_bytes(number) if number is not None and number >= 0 else "?"
+
+
 def _system_rows(runs: dict[str, Run]) -> list[str]:
     lines = ["| machine | GPU | CPU | cores | RAM | torch | CUDA | run | commit |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for tag, run in runs.items():
-        info = run.machine_info.get("torchledger", {})
-        gpus = ", ".join(f"{g.get('name')} ({format_bytes(g.get('memory_bytes') or 0)}, driver {g.get('driver')}, "
+        info = run.machine_info.get("torchledger")
+        info = info if isinstance(info, dict) else {}
+        gpus = ", ".join(f"{g.get('name')} ({_bytes(g.get('memory_bytes') or 0)}, driver {g.get('driver')}, "
                          f"{g.get('power_limit_w')} W, PCIe gen {g.get('pcie_generation')} x{g.get('pcie_width')})"
-                         for g in info.get("gpus", [])) or "none"
-        cpu = info.get("cpu_model") or run.machine_info.get("cpu", {}).get("brand_raw", "?")
-        ram = format_bytes(info.get("ram_bytes") or 0)
-        lines.append(f"| {tag} | {gpus} | {cpu} | {info.get('cpu_cores_logical', '?')} | {ram} | "
-                     f"{info.get('torch', '?')} | {info.get('cuda') or '-'} | {run.datetime[:19]} | "
-                     f"{run.commit or '-'} |")
+                         for g in info.get("gpus") or [] if isinstance(g, dict)) or "none"
+        cpu_info = run.machine_info.get("cpu")
+        cpu = info.get("cpu_model") or (cpu_info.get("brand_raw") if isinstance(cpu_info, dict) else None) or "?"
+        cells = [tag, gpus, cpu, info.get("cpu_cores_logical", "?"), _bytes(info.get("ram_bytes") or 0),
+                 info.get("torch", "?"), info.get("cuda") or "-", run.datetime[:19], run.commit or "-"]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return lines
 
 
-def _ceilings(run: Run) -> tuple[dict[str, float], float | None]:
+@dataclass
+class _Measures:
+    """The figures of one run that the report reads from ``extra_info``, each value checked once."""
+
+    roofline: list[tuple[float, float, str]] = field(default_factory=list)  # intensity, FLOP/s, dtype
+    peaks: dict[str, float] = field(default_factory=dict)  # measured matmul FLOP/s by dtype
+    bandwidth: float | None = None  # measured copy bandwidth, bytes/s
+    memory: list[tuple[str, int, int]] = field(default_factory=list)  # benchmark, predicted, measured bytes
+
+
+def _number(run: Run, name: str, key: str) -> float | None:
+    """``extra_info[key]`` of benchmark ``name``: None when absent, and also, with a warning, when not valid."""
+    value = run.results[name].extra_info.get(key)
+    if value is None:
+        return None
+    number = finite(value)
+    if number is None or number <= 0:
+        warnings.warn(f"{run.path}: {name}: extra_info {key} {shown(value)} is not a finite number > 0: "
+                      "left out of the report", SkippedData, stacklevel=2)
+        return None
+    return number
+
+
+def _measures(run: Run) -> _Measures:
+    m = _Measures()
+    for name, r in run.results.items():
+        dtype = r.extra_info.get("dtype")
+        dtype = dtype if isinstance(dtype, str) else ""
+        intensity, tflops = _number(run, name, "intensity"), _number(run, name, "tflops")
+        if intensity is not None and tflops is not None:
+            m.roofline.append((intensity, tflops * 1e12, dtype))
+        if tflops is not None and dtype and "matmul" in name:
+            m.peaks[dtype] = max(m.peaks.get(dtype, 0.0), tflops * 1e12)
+        if "copy_bandwidth" in name:
+            m.bandwidth = _number(run, name, "bandwidth_bytes_per_s") or m.bandwidth
+        predicted, peak = _number(run, name, "predicted_memory"), _number(run, name, "peak_memory")
+        if predicted is not None and peak is not None:
+            m.memory.append((name, int(predicted), int(peak)))
+    return m
+
+
+def _lookup(name: str) -> DeviceSpec | None:
+    """The hardware table's entry for a GPU name, or None (quietly: an unknown GPU uses measured ceilings)."""
+    key = name.strip().lower()
+    return next((d for d in DEVICES if any(re.search(p, key) for p in d.patterns)), None)
+
+
+def _ceilings(run: Run, measured: _Measures) -> tuple[dict[str, float], float | None]:
     """Peak FLOP/s by dtype and memory bandwidth for a machine: the table's for a known GPU, else measured."""
-    gpus = run.machine_info.get("torchledger", {}).get("gpus", [])
-    if gpus:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            spec = lookup_device(str(gpus[0].get("name")))
+    info = run.machine_info.get("torchledger")
+    gpus = info.get("gpus") if isinstance(info, dict) else None
+    if isinstance(gpus, list) and gpus and isinstance(gpus[0], dict):
+        spec = _lookup(str(gpus[0].get("name")))
         if spec is not None:
             return dict(spec.peaks), spec.memory_bandwidth
-    peaks: dict[str, float] = {}
-    bandwidth = None
-    for r in run.results.values():
-        e = r.extra_info
-        if e.get("tflops") and e.get("dtype") and "matmul" in r.name:
-            peaks[e["dtype"]] = max(peaks.get(e["dtype"], 0.0), e["tflops"] * 1e12)
-        if e.get("bandwidth_bytes_per_s") and "copy_bandwidth" in r.name:
-            bandwidth = float(e["bandwidth_bytes_per_s"])
-    return peaks, bandwidth
-
-
-def _pyplot() -> Any:
-    """matplotlib's pyplot on the non-interactive Agg backend (reports are files, never windows)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return dict(measured.peaks), measured.bandwidth
 
 
 def _plot_speed(group: str, names: list[str], speed: dict[str, list[float | None]], out: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(10, max(3.0, 0.35 * len(names) + 1.5)))
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, max(3.0, 0.35 * len(names) + 1.5)))
+    ax = fig.subplots()
     height = 0.8 / max(len(speed), 1)
     for i, (machine, values) in enumerate(speed.items()):
         ys = [j + i * height for j in range(len(names))]
@@ -86,19 +136,18 @@ def _plot_speed(group: str, names: list[str], speed: dict[str, list[float | None
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
 
 
-def _plot_roofline(runs: dict[str, Run], out: Path) -> bool:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+def _plot_roofline(runs: dict[str, Run], measures: dict[str, _Measures], out: Path) -> bool:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5.5))
+    ax = fig.subplots()
     drew = False
     for i, (tag, run) in enumerate(runs.items()):
         color = f"C{i}"
-        points = [(r.extra_info["intensity"], r.extra_info["tflops"] * 1e12, r.extra_info.get("dtype", ""))
-                  for r in run.results.values() if r.extra_info.get("intensity") and r.extra_info.get("tflops")]
-        peaks, bandwidth = _ceilings(run)
-        for x, y, label in points:
+        peaks, bandwidth = _ceilings(run, measures[tag])
+        for x, y, label in measures[tag].roofline:
             ax.scatter([x], [y], color=color)
             ax.annotate(label, (x, y), fontsize=7, color=color)
             drew = True
@@ -107,7 +156,6 @@ def _plot_roofline(runs: dict[str, Run], out: Path) -> bool:
             xs = [0.1, top / bandwidth, 1e5]
             ax.plot(xs, [min(top, x * bandwidth) for x in xs], color=color, linestyle="--", label=f"{tag} ceiling")
     if not drew:
-        plt.close(fig)
         return False
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -117,18 +165,17 @@ def _plot_roofline(runs: dict[str, Run], out: Path) -> bool:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return True
 
 
-def _plot_memory(runs: dict[str, Run], out: Path) -> list[tuple[str, str, int, int]]:
-    plt = _pyplot()
-    rows = [(tag, r.name, int(r.extra_info["predicted_memory"]), int(r.extra_info["peak_memory"]))
-            for tag, run in runs.items() for r in run.results.values()
-            if r.extra_info.get("predicted_memory") and r.extra_info.get("peak_memory")]
+def _plot_memory(runs: dict[str, Run], measures: dict[str, _Measures], out: Path) -> list[tuple[str, str, int, int]]:
+    from matplotlib.figure import Figure
+
+    rows = [(tag, name, predicted, measured) for tag in runs for name, predicted, measured in measures[tag].memory]
     if not rows:
         return rows
-    fig, ax = plt.subplots(figsize=(6, 6))
+    fig = Figure(figsize=(6, 6))
+    ax = fig.subplots()
     for i, tag in enumerate(runs):
         pts = [(p, m) for t, _, p, m in rows if t == tag]
         if pts:
@@ -143,29 +190,26 @@ def _plot_memory(runs: dict[str, Run], out: Path) -> list[tuple[str, str, int, i
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return rows
 
 
-def build_report(history: dict[str, list[Run]], out_dir: Path, *, reference: str | None = None) -> Path:
-    """Write ``out_dir/report.md`` and its figures from the newest run of each machine; returns the page's path.
+def _figure_names(groups: list[str]) -> dict[str, str]:
+    """A file name per group, inside the report folder whatever the group is called, and one per group."""
+    names: dict[str, str] = {}
+    for group in groups:
+        base = "speed-" + (re.sub(r"[^A-Za-z0-9_.-]", "_", group).lstrip(".") or "group")
+        name, n = f"{base}.png", 2
+        while name in names.values():
+            name, n = f"{base}-{n}.png", n + 1
+        names[group] = name
+    return names
 
-    The folder is written whole or not at all (built beside it, then renamed), and an existing one is never
-    replaced: ValueError names it.
-    """
-    if not history:
-        raise ValueError("no runs to report on")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ValueError(f"-o {out_dir}: the folder exists and is not empty; reports never overwrite")
-    runs = {tag: h[-1] for tag, h in sorted(history.items())}
-    ref = reference or next(iter(runs))
-    if ref not in runs:
-        raise ValueError(f"reference={ref!r} is not among the machines: {', '.join(runs)}")
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+
+def _write(runs: dict[str, Run], ref: str, folder: Path) -> None:
+    """The page and its figures, into ``folder``."""
+    measures = {tag: _measures(run) for tag, run in runs.items()}
     groups = sorted({r.group for run in runs.values() for r in run.results.values()})
+    figures = _figure_names(groups)
     total = len(groups) + 3
     step = 0
     lines = ["# Hardware comparison", "",
@@ -180,7 +224,7 @@ def build_report(history: dict[str, list[Run]], out_dir: Path, *, reference: str
         names = sorted({n for run in runs.values() for n, r in run.results.items() if r.group == group})
         ref_results = runs[ref].results
         speed: dict[str, list[float | None]] = {}
-        lines += [f"### {group}", "", "| benchmark | " + " | ".join(f"{t} median" for t in runs) + " | "
+        lines += [f"### {_cell(group)}", "", "| benchmark | " + " | ".join(f"{t} median" for t in runs) + " | "
                   + " | ".join(f"{t} speed" for t in runs) + " |",
                   "| --- |" + " --- |" * (2 * len(runs))]
         for tag, run in runs.items():
@@ -191,14 +235,14 @@ def build_report(history: dict[str, list[Run]], out_dir: Path, *, reference: str
         for j, n in enumerate(names):
             medians = [f"{runs[t].results[n].median:.4g} s" if n in runs[t].results else "-" for t in runs]
             speeds = [f"{speed[t][j]:.2f}x" if speed[t][j] else "-" for t in runs]
-            lines.append(f"| {n.split('::')[-1]} | " + " | ".join(medians) + " | " + " | ".join(speeds) + " |")
-        figure = f"speed-{group}.png"
-        _plot_speed(group, names, speed, tmp / figure)
-        lines += ["", f"![speed, {group}]({figure})", ""]
+            lines.append(f"| {_cell(n.split('::')[-1])} | " + " | ".join(medians) + " | " + " | ".join(speeds)
+                         + " |")
+        _plot_speed(group, names, speed, folder / figures[group])
+        lines += ["", f"![speed, {_cell(group)}]({figures[group]})", ""]
     step += 1
     _progress(step, total, "roofline")
     lines += ["## Roofline", ""]
-    if _plot_roofline(runs, tmp / "roofline.png"):
+    if _plot_roofline(runs, measures, folder / "roofline.png"):
         lines += ["Achieved FLOP/s of the matmuls against their arithmetic intensity, under each machine's ceilings "
                   "(hardware table for known GPUs; measured matmul peak and copy bandwidth otherwise).", "",
                   "![roofline](roofline.png)", ""]
@@ -207,18 +251,99 @@ def build_report(history: dict[str, list[Run]], out_dir: Path, *, reference: str
     step += 1
     _progress(step, total, "memory")
     lines += ["## Predicted and measured memory", ""]
-    rows = _plot_memory(runs, tmp / "memory.png")
+    rows = _plot_memory(runs, measures, folder / "memory.png")
     if rows:
         lines += ["| machine | benchmark | predicted | measured | error |", "| --- | --- | --- | --- | --- |"]
         for tag, name, predicted, measured in rows:
-            lines.append(f"| {tag} | {name.split('::')[-1]} | {format_bytes(predicted)} | {format_bytes(measured)} | "
-                         f"{100 * (predicted - measured) / measured:+.2f}% |")
+            lines.append(f"| {tag} | {_cell(name.split('::')[-1])} | {format_bytes(predicted)} | "
+                         f"{format_bytes(measured)} | {100 * (predicted - measured) / measured:+.2f}% |")
         lines += ["", "![memory](memory.png)", ""]
     else:
         lines += ["No benchmark recorded both `predicted_memory` and `peak_memory`.", ""]
-    (tmp / "report.md").write_text("\n".join(lines))
-    if out_dir.exists():
-        out_dir.rmdir()  # empty, checked above
-    os.replace(tmp, out_dir)
-    return out_dir / "report.md"
+    (folder / "report.md").write_text("\n".join(lines))
 
+
+def _check_target(out_dir: Path) -> None:
+    """ValueError naming ``-o`` unless it is a new folder, or an existing empty one (which the report replaces)."""
+    if out_dir.name in ("", ".", ".."):
+        raise ValueError(f"-o {out_dir}: name a new folder for the report")
+    if out_dir.is_symlink():
+        raise ValueError(f"-o {out_dir}: is a symbolic link; a report is written to a new folder, never through "
+                         "a link")
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise ValueError(f"-o {out_dir}: exists and is not a folder; reports never overwrite")
+        if any(out_dir.iterdir()):
+            raise ValueError(f"-o {out_dir}: the folder exists and is not empty; reports never overwrite")
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns the folders this call created, outermost first."""
+    missing: list[Path] = []
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    created: list[Path] = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        created.append(d)
+    return created
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished ``tmp`` onto ``out_dir`` in one step, never replacing a report or a file.
+
+    rename(2) replaces nothing but an empty folder: a target that has become a file, a link or a non-empty folder
+    (another report finished first) makes it fail, and this one is refused.
+    """
+    try:
+        os.rename(tmp, out_dir)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise ValueError(f"-o {out_dir}: was taken while this report was being built (by another report to the "
+                             "same folder?); reports never overwrite") from None
+        raise
+
+
+def _folder_mode(page: Path) -> int:
+    """The mode a folder made under the current umask would have, read off a file just written under it."""
+    mode = stat.S_IMODE(page.stat().st_mode) & 0o666
+    return mode | (mode & 0o444) >> 2
+
+
+def build_report(history: dict[str, list[Run]], out_dir: Path, *, reference: str | None = None) -> Path:
+    """Write ``out_dir/report.md`` and its figures from the newest run of each machine (with the earlier runs of its
+    commit merged in: :func:`~torchledger.reporting.results.newest_results`); returns the page's path.
+
+    The folder is written whole or not at all: built in a new folder of its own beside ``out_dir``, then renamed
+    onto it. ``out_dir`` must not exist or be an empty folder; ValueError names it otherwise, also when another
+    report takes it first. On any failure, Ctrl-C included, the build folder (and the parents this call created)
+    are removed and the error is raised again: OSError for a folder that cannot be written.
+    """
+    if not history:
+        raise ValueError("no runs to report on")
+    runs = {tag: newest_results(h) for tag, h in sorted(history.items())}
+    ref = reference or next(iter(runs))
+    if ref not in runs:
+        raise ValueError(f"reference={ref!r} is not among the machines: {', '.join(runs)}")
+    _check_target(out_dir)
+    created = _make_parents(out_dir.parent)
+    tmp: Path | None = None
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f"{out_dir.name}.partial-"))
+        _write(runs, ref, tmp)
+        tmp.chmod(_folder_mode(tmp / "report.md"))
+        _publish(tmp, out_dir)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+    return out_dir / "report.md"
