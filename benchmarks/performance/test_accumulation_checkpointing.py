@@ -11,6 +11,7 @@ import torch
 from benchmarks.performance.conftest import Ledger, memory_base, memory_info, peak_memory
 from torchledger.formulas.activations import activation_bytes
 from torchledger.formulas.specs import get_preset
+from torchledger.formulas.vocabulary import STEP_CHECKPOINTING, checkpointed_blocks
 from torchledger.measuring.training import MemoryCase
 from torchledger.workloads.models import build_transformer, token_batch
 from torchledger.workloads.train_step import TrainConfig, TrainStep, lm_loss
@@ -60,15 +61,15 @@ def test_same_effective_batch(ledger: Ledger, sizes: dict[str, Any], micro_batch
 
 
 @pytest.mark.benchmark(group="checkpointing")
-@pytest.mark.parametrize("mode", ["none", "selective", "full"])
+@pytest.mark.parametrize("mode", STEP_CHECKPOINTING)
 def test_checkpointing(ledger: Ledger, sizes: dict[str, Any], mode: str) -> None:
     device, spec = ledger.device, get_preset(sizes["gpt"])
     batch, seq = sizes["gpt_batch"], sizes["gpt_seq"]
     base = memory_base(device)
     torch.manual_seed(0)
     model = build_transformer(spec, device=device)
-    step = TrainStep(model, TrainConfig(), lm_loss)
-    model.set_checkpointing(mode)
+    config = TrainConfig(checkpointing=mode)
+    step = TrainStep(model, config, lm_loss)
     batches = [token_batch(spec, batch, seq, device=device)]
 
     def run() -> None:
@@ -77,12 +78,8 @@ def test_checkpointing(ledger: Ledger, sizes: dict[str, Any], mode: str) -> None
     run()
     measured = peak_memory(device, run, model, step.optimizer, base=base, inputs=list(batches[0]))
     none = activation_bytes(spec, batch, seq)
-    full = activation_bytes(spec, batch, seq, checkpointing="full")
-    per_block_saving = (none.layers - full.layers) // spec.n_layers  # saved tensors less the block input kept
-    checkpointed = {"none": 0, "full": spec.n_layers, "selective": (spec.n_layers + 1) // 2}[mode]
-    predicted_saving = checkpointed * per_block_saving
-    info = {"peak_memory": measured.peak, "measured_by_category": measured.by_category}
-    if mode != "selective":
-        info = memory_info(MemoryCase(spec.name, batch, TrainConfig(checkpointing=mode), seq_len=seq), measured)
+    kept = activation_bytes(spec, batch, seq, checkpointing=mode)
     ledger.time(run, rounds=sizes["rounds"], warmup=1, recipe="32-true", checkpointing=mode,
-                checkpointed_blocks=checkpointed, predicted_activation_saving=predicted_saving, **info)
+                checkpointed_blocks=len(checkpointed_blocks(mode, spec.n_layers)),
+                predicted_activation_saving=none.saved - kept.saved,
+                **memory_info(MemoryCase(spec.name, batch, config, seq_len=seq), measured))

@@ -6,6 +6,7 @@ Pure Python, so it runs the same on every device; each case records what it comp
 from __future__ import annotations
 
 import platform
+from itertools import pairwise
 
 import pytest
 
@@ -33,13 +34,13 @@ def test_model_flops_sweep(benchmark) -> None:  # type: ignore[no-untyped-def]
     specs = [get_preset(p) for p in ("gpt2-small", "gpt2-xl", "llama-7b", "llama-13b")]
     lengths = [2**k for k in range(1, 13)]
 
-    def sweep() -> int:
-        total = 0
-        for spec in specs:
-            for t in lengths:
-                total += model_flops(spec, 1, t).train + train_peak_bytes(spec, 1, t).peak
-        return total
+    def sweep() -> list[tuple[int, int]]:
+        return [(model_flops(spec, 1, t).train, train_peak_bytes(spec, 1, t).peak) for spec in specs for t in lengths]
 
     result = benchmark(sweep)
     _record(benchmark, calls_per_round=2 * len(specs) * len(lengths))
-    assert result > 0
+    # what a sweep is for: per model, FLOPs grow with the sequence, and the peak never shrinks (short sequences peak
+    # in the optimizer step, which the sequence does not change)
+    for i in range(len(specs)):
+        row = result[i * len(lengths):(i + 1) * len(lengths)]
+        assert all(a[0] < b[0] and a[1] <= b[1] for a, b in pairwise(row)), specs[i].name

@@ -13,6 +13,7 @@ from itertools import pairwise
 from ._validate import one_of, positive_int
 from .memory import Recipe, dtype_bytes, get_recipe
 from .specs import CNNSpec, MLPSpec, ModelSpec, param_counts
+from .vocabulary import STEP_CHECKPOINTING, checkpointed_blocks
 
 
 @dataclass(frozen=True)
@@ -129,9 +130,10 @@ def activation_bytes(
     """Activation memory of one training micro-batch (see :class:`Activations` for the parts).
 
     Full checkpointing keeps only each block's input (the residual stream, B T d in the residual dtype; Korthikanti's
-    "2sbh" for 16-bit) and recomputes one block at a time in the backward.
+    "2sbh" for 16-bit) and recomputes one block at a time in the backward; ``every-other`` does so for blocks 0, 2,
+    4, ... and the others save as without checkpointing.
     """
-    one_of("checkpointing", checkpointing, ("none", "full"))
+    one_of("checkpointing", checkpointing, STEP_CHECKPOINTING)
     r = get_recipe(recipe)
     items = layer_activation_items(spec, batch, seq_len, recipe)
     per_layer = sum(items.values())
@@ -151,9 +153,12 @@ def activation_bytes(
     copies = counts.matmul * c if r.autocast else 0
     head_copy = spec.vocab_size * spec.d_model * c if r.autocast else 0
     layer_copies = counts.per_layer_matmul * c if r.autocast else 0
-    if checkpointing == "full":
-        layers = spec.n_layers * tokens * spec.d_model * res
-        recompute, saved_copies = per_layer + layer_copies, head_copy
+    ckpt = len(checkpointed_blocks(checkpointing, spec.n_layers))
+    if ckpt:
+        # a checkpointed block keeps only its input; the others save as usual, with their autocast weight copies
+        layers = ckpt * tokens * spec.d_model * res + (spec.n_layers - ckpt) * per_layer
+        recompute = per_layer + layer_copies
+        saved_copies = head_copy + (spec.n_layers - ckpt) * layer_copies
     else:
         layers = spec.n_layers * per_layer
         recompute, saved_copies = 0, copies

@@ -18,8 +18,7 @@ from .flops import ModelFlops, model_flops
 from .memory import dtype_bytes, get_recipe, kv_cache_bytes
 from .peak import TrainPeak, train_peak_bytes
 from .specs import ModelSpec, check_seq_len, n_params, param_counts
-
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+from .vocabulary import OPTIMIZERS, STEP_CHECKPOINTING
 
 
 @dataclass(frozen=True)
@@ -40,6 +39,8 @@ class Estimate:
     sharding: str = "ddp"
     sharded: ShardedStates | None = None
     communication: dict[str, int] | None = None
+    optimizer_impl: str = "foreach"
+    device: str = "cuda"
 
     @property
     def phases_per_rank(self) -> dict[str, int]:
@@ -89,6 +90,8 @@ class Estimate:
             "seq_len": self.seq_len,
             "precision": self.precision,
             "optimizer": self.optimizer,
+            "optimizer_impl": self.optimizer_impl,
+            "device": self.device,
             "checkpointing": self.checkpointing,
             "grad_accum": self.grad_accum,
             "params": n_params(self.spec),
@@ -130,19 +133,24 @@ def estimate(
     grad_accum: int = 1,
     world_size: int = 1,
     sharding: str = "ddp",
+    optimizer_impl: str = "foreach",
+    device: str = "cuda",
 ) -> Estimate:
     """Cost one optimizer step of ``spec``: FLOPs (forward, backward, recompute) and memory (states, peak).
 
     ``batch`` is the micro-batch; ``grad_accum`` micro-batches make one step. The KV cache is for inference at the
     same batch and sequence length, in the recipe's compute dtype. With ``world_size > 1`` the memory figures are
     per rank under ``sharding`` and ``communication`` gives the bytes each rank sends per step, by collective.
+    ``optimizer_impl`` is the optimizer's implementation (``foreach``, ``for-loop``, ``fused``: their temporaries
+    differ); ``device`` the device whose terms the peak includes (:mod:`torchledger.formulas.device`; ``cuda`` by
+    default, the device people size for).
     """
     positive_int("batch_size", batch)
     check_seq_len(spec, seq_len)
     positive_int("grad_accum", grad_accum)
     recipe = get_recipe(precision)
     one_of("optimizer", optimizer, OPTIMIZERS)
-    one_of("checkpointing", checkpointing, ("none", "full"))
+    one_of("checkpointing", checkpointing, STEP_CHECKPOINTING)
     positive_int("world_size", world_size)
     one_of("sharding", sharding, SHARDINGS)
     n = n_params(spec)
@@ -159,7 +167,9 @@ def estimate(
         checkpointing=checkpointing, grad_accum=grad_accum,
         flops=model_flops(spec, batch, seq_len, checkpointing=checkpointing),
         peak=train_peak_bytes(spec, batch, seq_len, recipe=precision, optimizer=optimizer,
-                              checkpointing=checkpointing, grad_accum=grad_accum),
+                              checkpointing=checkpointing, grad_accum=grad_accum, optimizer_impl=optimizer_impl,
+                              device=device),
         kv_cache=kv_cache_bytes(spec, batch, seq_len, recipe.compute_dtype),
         world_size=world_size, sharding=sharding, sharded=sharded, communication=communication,
+        optimizer_impl=optimizer_impl, device=device,
     )

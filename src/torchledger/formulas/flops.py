@@ -21,9 +21,7 @@ from math import prod
 
 from ._validate import int_tuple, non_negative_int, one_of, positive_int, positive_number
 from .specs import CNNSpec, MLPSpec, ModelSpec, param_counts
-
-CHECKPOINTING = ("none", "selective", "full")
-
+from .vocabulary import CHECKPOINTING, checkpointed_blocks
 
 # --------------------------------------------------------------------------------------------------- primitives
 
@@ -354,7 +352,8 @@ def model_flops(
     depends on trainable parameters (the embedding, the norms) and so needs its gradient;
     ``recompute_attention_scores`` adds the QK^T that fused attention kernels recompute.
     Recompute: ``full`` checkpointing runs each block's forward again in the backward (the LM head is not
-    checkpointed); ``selective`` recomputes only the attention core (QK^T and AV), as Korthikanti et al. 2022 do.
+    checkpointed), ``every-other`` that of blocks 0, 2, 4, ...; ``selective`` recomputes only the attention core
+    (QK^T and AV), as Korthikanti et al. 2022 do (the modes: :mod:`torchledger.formulas.vocabulary`).
     NB: PyTorch's non-reentrant ``torch.utils.checkpoint`` stops recomputing once every tensor the backward needs
     is back (``set_checkpoint_early_stop``, on by default), so a block's last matmul (the MLP's down projection,
     whose output nothing saves) is not run again: ``checkpoint_early_stop=False`` counts the whole forward, as
@@ -377,9 +376,10 @@ def model_flops(
     if recompute_attention_scores:
         backward += spec.n_layers * layer["attn.scores"]
     recompute = 0
-    if checkpointing == "full":
+    if checkpointing in ("full", "every-other"):
         last = layer["mlp.proj"] if spec.family == "gpt2" else layer["mlp.down"]
-        recompute = spec.n_layers * (layer_fwd - (last if checkpoint_early_stop else 0))
+        blocks = len(checkpointed_blocks(checkpointing, spec.n_layers))
+        recompute = blocks * (layer_fwd - (last if checkpoint_early_stop else 0))
     elif checkpointing == "selective":
         recompute = spec.n_layers * (layer["attn.scores"] + layer["attn.av"])
     return ModelFlops(forward=forward, backward=backward, recompute=recompute, tokens=batch * seq_len)

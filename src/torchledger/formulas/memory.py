@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from ._validate import one_of, positive_int
 from .specs import ModelSpec
+from .vocabulary import OPTIMIZER_IMPLS, OPTIMIZERS
 
 DTYPE_BYTES: dict[str, int] = {
     "float64": 8,
@@ -87,8 +88,7 @@ RECIPES: dict[str, Recipe] = {
 }
 
 #: State tensors each optimizer keeps per parameter: momentum buffer; Adam's exp_avg and exp_avg_sq.
-OPTIMIZER_STATES: dict[str, int] = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
-OPTIMIZER_IMPLS: tuple[str, ...] = ("foreach", "for-loop", "fused")
+OPTIMIZER_STATES: dict[str, int] = dict(zip(OPTIMIZERS, (0, 1, 2, 2), strict=True))  # state tensors per parameter
 
 
 def get_recipe(name: str) -> Recipe:

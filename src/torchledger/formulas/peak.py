@@ -13,7 +13,6 @@ from .activations import (
     mlp_activation_bytes,
 )
 from .memory import (
-    OPTIMIZER_IMPLS,
     OPTIMIZER_STATES,
     ModelStates,
     dtype_bytes,
@@ -23,6 +22,7 @@ from .memory import (
 )
 from .specs import CNNSpec, MLPSpec, ModelSpec, param_counts
 from .timeline import StepConfig, StepTimeline, cnn_timeline, mlp_timeline, transformer_timeline
+from .vocabulary import OPTIMIZER_IMPLS, STEP_CHECKPOINTING
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def _config(recipe: str, optimizer: str, impl: str, checkpointing: str, grad_acc
     get_recipe(recipe)
     one_of("optimizer", optimizer, OPTIMIZER_STATES)
     one_of("impl", impl, OPTIMIZER_IMPLS)
-    one_of("checkpointing", checkpointing, ("none", "full"))
+    one_of("checkpointing", checkpointing, STEP_CHECKPOINTING)
     return StepConfig(recipe, optimizer, impl, checkpointing, grad_accum, clip)
 
 
@@ -147,7 +147,10 @@ class InferencePeak:
         return self.params + self.kv_cache + self.activations
 
     def breakdown(self) -> dict[str, int]:
-        return {"params": self.params, "kv_cache": self.kv_cache, "activations": self.activations}
+        """By the storage tracker's categories: without autograd nothing is saved, so the live tensors are
+        temporaries, and the cache has a category of its own."""
+        return {"params": self.params, "grads": 0, "optimizer": 0, "activations": 0, "temporaries": self.activations,
+                "kv_cache": self.kv_cache}
 
 
 def inference_peak_bytes(spec: ModelSpec, batch: int, seq_len: int, *, recipe: str = "bf16-true") -> InferencePeak:

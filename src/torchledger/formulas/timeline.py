@@ -28,6 +28,7 @@ from itertools import pairwise
 from .device import device_terms
 from .memory import OPTIMIZER_STATES, Recipe, dtype_bytes, get_recipe
 from .specs import CNNSpec, MLPSpec, ModelSpec
+from .vocabulary import checkpointed_blocks
 
 CATEGORIES = ("params", "grads", "optimizer", "activations", "temporaries")
 PHASES = ("forward", "backward", "optimizer")
@@ -398,8 +399,12 @@ class _Step:
             tl.unref(previous)
 
     def micro_batches(self, forward: Callable[[], tuple[int, int]]) -> None:
-        """``grad_accum`` micro-batches: forward (autocast exits after it), backward, then the logits released."""
-        for _ in range(self.config.grad_accum):
+        """``grad_accum`` micro-batches: forward (autocast exits after it), backward, then the logits released.
+
+        Only the first two are walked: the first starts without gradients, every later one starts with all of them
+        and leaves memory as it found it (the same tensors made and released), so a third and later micro-batch
+        repeats the second moment for moment and cannot make a higher peak."""
+        for _ in range(min(self.config.grad_accum, 2)):
             self.tl.phase = "forward"
             logits, loss = forward()
             self.exit_autocast()
@@ -454,6 +459,7 @@ class _TransformerStep(_Step):
             if spec.family == "llama" else 0
         super().__init__(params, config, device, buffers)
         self.spec, self.batch, self.seq = spec, batch, seq_len
+        self.checkpointed = set(checkpointed_blocks(config.checkpointing, spec.n_layers))
         self.rows = batch * seq_len
         emb = self.ps["wte" if spec.family == "gpt2" else "embed_tokens"]
         self.embedding = emb
@@ -736,7 +742,8 @@ class _TransformerStep(_Step):
 
             G.node("embedding", x, backward=backward)
         for i in range(s.n_layers):
-            nxt = self.checkpointed_block(i, x) if self.config.checkpointing == "full" else self.block(i, x)
+            ckpt = i in self.checkpointed
+            nxt = self.checkpointed_block(i, x) if ckpt else self.block(i, x)
             G.drop(x)
             x = nxt
         if s.family == "gpt2":

@@ -26,6 +26,7 @@ from torchledger.formulas.peak import (
     train_peak_bytes,
 )
 from torchledger.formulas.specs import PRESETS, CNNSpec, MLPSpec, ModelSpec, get_preset
+from torchledger.formulas.vocabulary import REFERENCE_WORKLOADS
 from torchledger.measuring.memory import (
     MemoryMeasurement,
     StorageTracker,
@@ -35,11 +36,18 @@ from torchledger.measuring.memory import (
     measure_cuda,
 )
 from torchledger.workloads.models import CNN, MLP, build_transformer, token_batch
-from torchledger.workloads.train_step import TrainConfig, TrainStep, classifier_loss, default_dtype, lm_loss
+from torchledger.workloads.train_step import (
+    TrainConfig,
+    TrainStep,
+    classifier_loss,
+    default_dtype,
+    lm_loss,
+    param_dtype,
+)
 
 MLP_SPEC = MLPSpec((256, 1024, 1024, 256))
 CNN_SPEC = CNNSpec()
-WORKLOADS = ("mlp", "cnn", *PRESETS)
+WORKLOADS = (*REFERENCE_WORKLOADS, *PRESETS)
 
 
 @dataclass(frozen=True)
@@ -115,7 +123,7 @@ class MemoryCase:
         if self.workload not in WORKLOADS and self.spec is None:
             raise ValueError(f"workload={self.workload!r} is not one of {', '.join(WORKLOADS)}")
         torch.manual_seed(0)
-        dtype = {"16-true": torch.float16, "bf16-true": torch.bfloat16}.get(self.config.precision, torch.float32)
+        dtype = param_dtype(self.config.precision)
         gen = torch.Generator().manual_seed(0)
         with default_dtype(dtype):
             model, loss_fn, batches = self._model_and_batches(device, dtype, gen)
@@ -127,7 +135,7 @@ class MemoryCase:
         model: nn.Module
         shape: tuple[int, ...]
         batches: list[tuple[Tensor, ...]]
-        if self.workload in ("mlp", "cnn"):
+        if self.workload in REFERENCE_WORKLOADS:
             if self.config.checkpointing != "none":
                 raise ValueError(f"checkpointing={self.config.checkpointing!r}: the {self.workload} has no blocks")
             if self.workload == "mlp":
@@ -168,7 +176,7 @@ def measure(case: MemoryCase, device: str, *, snapshot: str | Path | None = None
 
 def predict_inference(case: MemoryCase) -> InferencePeak:
     """The prefill peak of a transformer case (batch x seq_len prompt) in the case's ``*-true`` recipe."""
-    if case.workload in ("mlp", "cnn"):
+    if case.workload in REFERENCE_WORKLOADS:
         raise ValueError(f"workload={case.workload!r}: inference with a KV cache needs a transformer")
     return inference_peak_bytes(case.transformer_spec(), case.batch, case.seq_len, recipe=case.config.precision)
 
@@ -179,7 +187,7 @@ def _inference_run(case: MemoryCase, device: str) -> tuple[nn.Module, Callable[[
     ``kv_cache``; the prompt's token ids (the caller's)."""
     predict_inference(case)  # validates the workload and recipe
     spec = case.transformer_spec()
-    dtype = {"16-true": torch.float16, "bf16-true": torch.bfloat16}.get(case.config.precision, torch.float32)
+    dtype = param_dtype(case.config.precision)
     with default_dtype(dtype):
         model = build_transformer(spec, device=device)
     idx, _ = token_batch(spec, case.batch, case.seq_len, device=device)

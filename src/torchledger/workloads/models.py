@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from torchledger.formulas._validate import one_of
 from torchledger.formulas.specs import CNNSpec, MLPSpec, ModelSpec
+from torchledger.formulas.vocabulary import STEP_CHECKPOINTING, checkpointed_blocks
 
 
 class AttentionCore(nn.Module):
@@ -88,6 +89,7 @@ class _Transformer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.checkpointing = "none"
+        self._checkpointed_blocks: set[int] = set()
 
     def init_weights(self) -> None:
         """GPT-2's initialization (normal, std 0.02; zero biases), so losses start near log(vocab)."""
@@ -99,11 +101,13 @@ class _Transformer(nn.Module):
 
     def set_checkpointing(self, mode: str) -> None:
         """``"full"``: recompute every block's forward in the backward (non-reentrant ``torch.utils.checkpoint``);
-        ``"selective"``: only every other block (blocks 0, 2, 4, ...), trading half the saving for half the cost."""
-        self.checkpointing = one_of("checkpointing", mode, ("none", "full", "selective"))
+        ``"every-other"``: only blocks 0, 2, 4, ..., trading half the saving for half the cost (the modes:
+        :mod:`torchledger.formulas.vocabulary`)."""
+        self.checkpointing = one_of("checkpointing", mode, STEP_CHECKPOINTING)
+        self._checkpointed_blocks = set(checkpointed_blocks(mode, len(self.blocks)))
 
     def _checkpointed(self, index: int) -> bool:
-        return self.checkpointing == "full" or (self.checkpointing == "selective" and index % 2 == 0)
+        return index in self._checkpointed_blocks
 
     def embed(self, idx: Tensor) -> Tensor:
         raise NotImplementedError

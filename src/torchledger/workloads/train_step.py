@@ -15,9 +15,20 @@ import torch
 from torch import Tensor, nn
 
 from torchledger.formulas._validate import one_of, positive_int
-from torchledger.formulas.memory import OPTIMIZER_IMPLS, get_recipe
+from torchledger.formulas.memory import get_recipe
+from torchledger.formulas.vocabulary import OPTIMIZER_IMPLS, OPTIMIZERS, STEP_CHECKPOINTING
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def param_dtype(precision: str) -> torch.dtype:
+    """The torch dtype a recipe keeps its parameters in (the one place a recipe's dtype names become torch's)."""
+    return _TORCH_DTYPES[get_recipe(precision).param_dtype]
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The torch dtype a recipe's matmuls run in (autocast's dtype under ``*-mixed``)."""
+    return _TORCH_DTYPES[get_recipe(precision).compute_dtype]
 
 
 @dataclass(frozen=True)
@@ -36,9 +47,9 @@ class TrainConfig:
         recipe = get_recipe(self.precision)
         if recipe.master_dtype is not None:
             raise ValueError(f"precision={self.precision!r}: the reference training step runs Lightning's recipes")
-        one_of("optimizer", self.optimizer, ("sgd", "momentum", "adam", "adamw"))
+        one_of("optimizer", self.optimizer, OPTIMIZERS)
         one_of("optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
-        one_of("checkpointing", self.checkpointing, ("none", "full"))
+        one_of("checkpointing", self.checkpointing, STEP_CHECKPOINTING)
         positive_int("grad_accum", self.grad_accum)
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm={self.clip_grad_norm!r} must be > 0")
@@ -64,9 +75,9 @@ class TrainStep:
         self.recipe = get_recipe(config.precision)
         device = next(iter(model.parameters())).device
         self.device_type = device.type
-        param_dtype = _TORCH_DTYPES[self.recipe.param_dtype]
-        if any(p.dtype != param_dtype for p in model.parameters()):
-            model.to(param_dtype)
+        dtype = param_dtype(config.precision)
+        if any(p.dtype != dtype for p in model.parameters()):
+            model.to(dtype)
         set_ckpt = getattr(model, "set_checkpointing", None)
         if config.checkpointing != "none":
             if set_ckpt is None:
@@ -82,7 +93,7 @@ class TrainStep:
         """One optimizer step over ``grad_accum`` micro-batches."""
         if len(micro_batches) != self.config.grad_accum:
             raise ValueError(f"got {len(micro_batches)} micro-batches for grad_accum={self.config.grad_accum}")
-        autocast_dtype = _TORCH_DTYPES[self.recipe.compute_dtype]
+        autocast_dtype = compute_dtype(self.config.precision)
         for batch in micro_batches:
             with torch.autocast(self.device_type, dtype=autocast_dtype, enabled=self.recipe.autocast):
                 output, loss = self.loss_fn(self.model, batch)
