@@ -124,3 +124,32 @@ def test_python_dash_m_bad_usage_has_no_traceback() -> None:
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "'-1' must be a positive integer" in proc.stderr
+
+
+def test_device_and_optimizer_impl(capsys: pytest.CaptureFixture[str]) -> None:
+    # gpt-tiny, 4 x 128, bf16-mixed: on CUDA the logits' gradient at the start of the backward is bf16 (2 B) where
+    # the CPU makes it in fp32 (4 B): 512 tokens x 1,000 x 2 B fewer, give or take the allocator's 512-byte rounding
+    args = ["--model", "gpt-tiny", "--batch-size", "4", "--seq-len", "128", "--precision", "bf16-mixed"]
+    cuda = run_json(capsys, *args)
+    cpu = run_json(capsys, *args, "--device", "cpu")
+    assert (cuda["device"], cpu["device"]) == ("cuda", "cpu")
+    assert cpu["memory"]["peak_train"] - cuda["memory"]["peak_train"] == pytest.approx(  # type: ignore[index]
+        512 * 1000 * 2, rel=0.05)
+    # foreach AdamW's sqrt(exp_avg_sq) is one fp32 buffer of all 557,568 parameters, and its step increment a 4-byte
+    # fp32 scalar (torch._foreach_add_ of the step counters by a tensor 1.0 on the CPU): fused makes neither
+    opt_args = ["--model", "gpt-tiny", "--batch-size", "1", "--seq-len", "8", "--device", "cpu"]
+    foreach = run_json(capsys, *opt_args)
+    fused = run_json(capsys, *opt_args, "--optimizer-impl", "fused")
+    assert fused["optimizer_impl"] == "fused"
+    assert foreach["memory"]["phases"]["optimizer"] - fused["memory"]["phases"]["optimizer"] == (  # type: ignore[index]
+        557_568 * 4 + 4)
+
+
+def test_every_other_checkpointing_recomputes_half_the_blocks(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--model", "gpt2-small", "--seq-len", "1024"]
+    full = run_json(capsys, *base, "--checkpointing", "full")
+    half = run_json(capsys, *base, "--checkpointing", "every-other")
+    # GPT-2 small has 12 blocks: blocks 0, 2, ..., 10 are checkpointed
+    assert half["flops"]["recompute"] * 2 == full["flops"]["recompute"]  # type: ignore[index]
+    none = run_json(capsys, *base)
+    assert none["memory"]["activations"] > half["memory"]["activations"] > full["memory"]["activations"]  # type: ignore[index]

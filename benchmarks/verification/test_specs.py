@@ -7,7 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from torchledger.formulas.specs import PRESETS, ModelSpec, get_preset, n_params, param_counts, spec_from_hf_config
+from torchledger.formulas.specs import (
+    PRESETS,
+    HFConfigError,
+    ModelSpec,
+    check_seq_len,
+    get_preset,
+    n_params,
+    param_counts,
+    read_hf_config,
+    spec_from_hf_config,
+)
 
 # Published totals: Hugging Face's model.num_parameters() for the GPT-2 checkpoints (tied head counted once) and
 # Llama 2 (Touvron et al. 2023) for the 7B/13B shapes.
@@ -155,3 +165,50 @@ def test_hf_config_bad_files(tmp_path: Path, content: str, message: str) -> None
 def test_hf_config_no_such_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no such file"):
         spec_from_hf_config(tmp_path / "absent.json")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "kind"),
+    [
+        ("model_type", ["llama"], "a string"),
+        ("num_hidden_layers", "32", "a positive integer"),
+        ("hidden_size", True, "a positive integer"),
+        ("intermediate_size", 11008.5, "a positive integer"),
+        ("num_key_value_heads", 0, "a positive integer"),
+        ("tie_word_embeddings", "false", "a JSON boolean"),
+        ("attention_bias", 1, "a JSON boolean"),
+        ("_name_or_path", {"id": 1}, "a string"),
+    ],
+)
+def test_hf_config_fields_are_checked_by_type(field: str, value: object, kind: str, tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**LLAMA2_CONFIG, field: value}))
+    with pytest.raises(HFConfigError) as info:
+        spec_from_hf_config(path)
+    assert str(info.value) == f"{field}={value!r} in {path} must be {kind}" + (
+        " (true or false)" if kind == "a JSON boolean" else "")
+    assert isinstance(info.value, ValueError)
+
+
+def test_hf_config_json_booleans_are_read_as_written() -> None:
+    untied = spec_from_hf_config({**GPT2_CONFIG, "tie_word_embeddings": False})
+    assert not untied.tied_embeddings
+    # an LM head of its own: 50,257 x 768 more than the tied 124,439,808
+    assert n_params(untied) == 124_439_808 + 50257 * 768
+    assert spec_from_hf_config({**GPT2_CONFIG, "tie_word_embeddings": True}).tied_embeddings
+
+
+def test_hf_config_must_be_a_regular_file(tmp_path: Path) -> None:
+    with pytest.raises(HFConfigError, match="is not a regular file"):
+        spec_from_hf_config(tmp_path)  # a directory
+    with pytest.raises(HFConfigError, match="no such file"):
+        read_hf_config(tmp_path / "absent.json")
+
+
+@pytest.mark.parametrize(("preset", "table"), [("gpt-tiny", "learned position table"),
+                                               ("llama-tiny", "rotary position table")])
+def test_seq_len_at_most_the_context(preset: str, table: str) -> None:
+    spec = get_preset(preset)
+    assert check_seq_len(spec, 256) == 256
+    with pytest.raises(ValueError, match=f"seq_len=257 exceeds max_seq_len=256, the context of {preset}: its {table}"):
+        check_seq_len(spec, 257)

@@ -20,7 +20,7 @@ from torchledger.counting.hooks import HookCounter
 from torchledger.counting.profiler import count_with_profiler
 from torchledger.counting.result import FlopCount
 from torchledger.formulas.flops import model_flops
-from torchledger.formulas.specs import ModelSpec, check_seq_len, spec_from_hf_config
+from torchledger.formulas.specs import HFConfigError, ModelSpec, check_seq_len, spec_from_hf_config
 from torchledger.workloads.models import build_transformer, token_batch
 
 
@@ -91,8 +91,8 @@ def count_model(
         report.formula = flops.train if backward else flops.forward
     try:
         model = _hf_model(hf_config) if hf_config is not None else build_transformer(spec, device="meta")  # type: ignore[arg-type]
-    except (RuntimeError, ValueError, OSError) as exc:
-        report.errors.append(str(exc).splitlines()[0])
+    except (RuntimeError, ValueError, TypeError, KeyError, OSError) as exc:  # e.g. a config transformers rejects
+        report.errors.append(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
         return report
     model.train()
     idx = torch.empty(batch, seq_len, dtype=torch.long, device="meta")
@@ -118,8 +118,14 @@ def count_model(
 
 
 def load_hf_spec(path: str | os.PathLike[str]) -> tuple[ModelSpec | None, str | None]:
-    """The formula spec of a config.json, or None and the reason when the formulas do not describe it."""
+    """The formula spec of a config.json, or None and the reason when the formulas do not describe it.
+
+    Raises HFConfigError (a ValueError) when the file itself is unusable: missing, not a regular file, not a JSON
+    object, or a field of the wrong type; nothing can be counted then.
+    """
     try:
         return spec_from_hf_config(path), None
+    except HFConfigError:
+        raise
     except ValueError as exc:
         return None, str(exc)

@@ -87,10 +87,10 @@ def sharded_state_bytes(n_params: int, *, recipe: str = "32-true", optimizer: st
     one_of("sharding", sharding, SHARDINGS)
     n = positive_int("world_size", world_size)
     full = model_state_bytes(n_params, recipe, optimizer)
-    shard = model_state_bytes(shard_elements(n_params, n), recipe, optimizer)
     params, grads = full.params, full.grads
     master, opt = full.master_params, full.optimizer
-    if sharding != "ddp":
+    if sharding != "ddp":  # ddp replicates: any world size; the others need an element per rank
+        shard = model_state_bytes(shard_elements(n_params, n), recipe, optimizer)
         master, opt = shard.master_params, shard.optimizer
     if sharding in ("zero2", "zero3", "fsdp", "fsdp-grad-op"):
         grads = shard.grads
@@ -115,11 +115,11 @@ def collective_payloads(n_params: int, *, recipe: str = "32-true", world_size: i
     one_of("sharding", sharding, SHARDINGS)
     n = positive_int("world_size", world_size)
     r = get_recipe(recipe)
+    if sharding == "ddp":  # replicated: no shards, any world size
+        return {"all_reduce": positive_int("n_params", n_params) * dtype_bytes(r.grad_dtype)}
     padded = shard_elements(n_params, n) * n
     grads = padded * dtype_bytes(r.grad_dtype)
     params = padded * dtype_bytes(r.param_dtype)
-    if sharding == "ddp":
-        return {"all_reduce": n_params * dtype_bytes(r.grad_dtype)}
     if sharding == "zero1":
         return {"all_reduce": grads, "all_gather": params}
     if sharding == "zero2":

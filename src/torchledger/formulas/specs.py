@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any, Literal
@@ -168,12 +169,17 @@ def n_params(spec: ModelSpec) -> int:
 
 
 def check_seq_len(spec: ModelSpec, seq_len: int) -> int:
-    """``seq_len`` if ``spec`` can run it: a learned position table (``gpt2``) has no rows beyond max_seq_len."""
+    """``seq_len`` if ``spec`` can run it: at most ``max_seq_len``, the model's context.
+
+    Both families refuse longer sequences: a learned position table (``gpt2``) has no rows beyond max_seq_len, and
+    the reference ``llama`` model's rotary table has max_seq_len rows too (nor was the model trained beyond it).
+    """
     positive_int("seq_len", seq_len)
-    if spec.family == "gpt2" and seq_len > spec.max_seq_len:
+    if seq_len > spec.max_seq_len:
+        table = "learned position table" if spec.family == "gpt2" else "rotary position table"
         raise ValueError(
-            f"seq_len={seq_len} exceeds max_seq_len={spec.max_seq_len} of {spec.name}: its learned position table "
-            "has no rows beyond it"
+            f"seq_len={seq_len} exceeds max_seq_len={spec.max_seq_len}, the context of {spec.name}: its {table} "
+            f"has {spec.max_seq_len} rows"
         )
     return seq_len
 
@@ -236,27 +242,73 @@ _HF_FIELDS: dict[str, dict[str, str]] = {
 _HF_MODEL_TYPES: dict[str, Family] = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama"}
 
 
+class HFConfigError(ValueError):
+    """A config.json unusable as such: not a readable regular file, not a JSON object, or a field of the wrong type."""
+
+
+def read_hf_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON object of a config.json; HFConfigError naming the path when it is not a regular file (a named pipe
+    would block the read), not readable, or not a JSON object."""
+    where = os.fspath(path)
+    try:
+        mode = os.stat(where).st_mode
+    except FileNotFoundError:
+        raise HFConfigError(f"hf_config={where!r}: no such file") from None
+    except OSError as exc:
+        raise HFConfigError(f"hf_config={where!r} is not readable ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        raise HFConfigError(f"hf_config={where!r} is not a regular file")
+    try:
+        with open(where, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HFConfigError(f"hf_config={where!r} is not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise HFConfigError(f"hf_config={where!r} does not hold a JSON object")
+    return data
+
+
+def _hf_int(data: dict[str, Any], key: str, where: str, *, required: bool = True) -> int:
+    """A positive integer field (a JSON number without a fraction, not a boolean); 0 when optional and absent/null."""
+    value = data.get(key)
+    if value is None and not required:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise HFConfigError(f"{key}={value!r} in {where} must be a positive integer")
+    return value
+
+
+def _hf_bool(data: dict[str, Any], key: str, where: str, default: bool) -> bool:
+    """A JSON boolean field (``true``/``false``, never a string or a number); ``default`` when absent."""
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise HFConfigError(f"{key}={value!r} in {where} must be a JSON boolean (true or false)")
+    return value
+
+
+def _hf_str(data: dict[str, Any], key: str, where: str) -> str | None:
+    """A string field; None when absent."""
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise HFConfigError(f"{key}={value!r} in {where} must be a string")
+    return value
+
+
 def spec_from_hf_config(config: str | os.PathLike[str] | dict[str, Any], name: str | None = None) -> ModelSpec:
     """Build a spec from a Hugging Face ``config.json`` (a path or the parsed dict) of a GPT-2, LLaMA or Mistral model.
+
+    Every field read is checked by type (HFConfigError, a ValueError, naming the field, the value and the file):
+    sizes are positive integers, flags JSON booleans, names strings. A supported ``model_type`` that lacks a field,
+    or an unsupported one, is a plain ValueError: the formulas do not describe that model.
 
     NB: Mistral's sliding-window attention is read as full attention, which is exact while the sequence length does
     not exceed ``sliding_window``.
     """
-    where = "config"
     if isinstance(config, dict):
-        data = config
+        where, data = "config", config
     else:
-        where = os.fspath(config)
-        try:
-            with open(where, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except FileNotFoundError:
-            raise ValueError(f"hf_config={where!r}: no such file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"hf_config={where!r} is not readable JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"hf_config={where!r} does not hold a JSON object")
-    model_type = data.get("model_type")
+        where, data = os.fspath(config), read_hf_config(config)
+    model_type = _hf_str(data, "model_type", where)
     if model_type not in _HF_MODEL_TYPES:
         raise ValueError(
             f"model_type={model_type!r} in {where} is not supported; supported: {', '.join(_HF_MODEL_TYPES)}"
@@ -266,18 +318,18 @@ def spec_from_hf_config(config: str | os.PathLike[str] | dict[str, Any], name: s
     for ours, theirs in _HF_FIELDS[family].items():
         if theirs not in data:
             raise ValueError(f"{where} is missing the field {theirs!r} that a {model_type} config needs")
-        kwargs[ours] = data[theirs]
+        kwargs[ours] = _hf_int(data, theirs, where)
     if family == "gpt2":
-        kwargs["d_ff"] = data.get("n_inner") or 0
-        kwargs["tied_embeddings"] = bool(data.get("tie_word_embeddings", True))
+        kwargs["d_ff"] = _hf_int(data, "n_inner", where, required=False)
+        kwargs["tied_embeddings"] = _hf_bool(data, "tie_word_embeddings", where, True)
     else:
-        kwargs["n_kv_heads"] = data.get("num_key_value_heads") or 0
-        kwargs["head_dim"] = data.get("head_dim") or 0
-        kwargs["tied_embeddings"] = bool(data.get("tie_word_embeddings", False))
-        kwargs["bias"] = bool(data.get("attention_bias", False))
-        if kwargs["bias"] or data.get("mlp_bias", False):
+        kwargs["n_kv_heads"] = _hf_int(data, "num_key_value_heads", where, required=False)
+        kwargs["head_dim"] = _hf_int(data, "head_dim", where, required=False)
+        kwargs["tied_embeddings"] = _hf_bool(data, "tie_word_embeddings", where, False)
+        kwargs["bias"] = _hf_bool(data, "attention_bias", where, False)
+        if kwargs["bias"] or _hf_bool(data, "mlp_bias", where, False):
             raise ValueError(f"attention_bias/mlp_bias=True in {where} is not supported for {model_type} specs")
-    label = name or data.get("_name_or_path") or f"{model_type} ({where})"
+    label = name or _hf_str(data, "_name_or_path", where) or f"{model_type} ({where})"
     try:
         return ModelSpec(name=str(label), family=family, source=where, **kwargs)
     except ValueError as exc:
