@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from torchledger.formulas.peak import TrainPeak, cnn_train_peak_bytes, mlp_train_peak_bytes, train_peak_bytes
 from torchledger.formulas.specs import CNNSpec, MLPSpec, ModelSpec
-from torchledger.formulas.vocabulary import STEP_CHECKPOINTING
+from torchledger.formulas.vocabulary import OPTIMIZER_IMPLS, OPTIMIZERS, STEP_CHECKPOINTING
 from torchledger.measuring.memory import CATEGORIES
 from torchledger.measuring.training import MemoryCase, measure, relative_error
 from torchledger.workloads.train_step import TrainConfig
@@ -62,8 +62,8 @@ def transformer_specs(draw: st.DrawFn) -> ModelSpec:
 def cases(draw: st.DrawFn) -> MemoryCase:
     kind = draw(st.sampled_from(["gpt-tiny", "llama-tiny", "mlp", "cnn", "transformer", "mlp-shape", "cnn-shape"]))
     precision = draw(st.sampled_from(RECIPES))
-    optimizer = draw(st.sampled_from(["sgd", "momentum", "adam", "adamw"]))
-    impl = draw(st.sampled_from(["foreach", "for-loop", "fused"]))
+    optimizer = draw(st.sampled_from(OPTIMIZERS))
+    impl = draw(st.sampled_from(OPTIMIZER_IMPLS))
     transformer = kind in ("gpt-tiny", "llama-tiny", "transformer")
     ckpt = draw(st.sampled_from(STEP_CHECKPOINTING)) if transformer else "none"
     config = TrainConfig(precision, optimizer, impl, ckpt, draw(st.integers(1, 4)),
