@@ -14,6 +14,32 @@ import pytest
 
 _DEFAULT_STORAGE = "file://./.benchmarks"
 
+# The benchmark groups of benchmarks/performance, which --ledger-groups selects from.
+BENCHMARK_GROUPS = ("precision", "accumulation", "checkpointing", "fusion", "dataloader", "roofline", "collectives",
+                    "formulas", "count")
+NO_GROUP = "(not a benchmark)"
+_GROUP_WALL: dict[str, float] = {}  # seconds of setup, call and teardown per benchmark group, this session
+
+
+def parse_groups(value: str | None) -> tuple[str, ...] | None:
+    """The groups ``--ledger-groups`` names (comma-separated), or None when it is not given; a name that is not a
+    benchmark group, or an empty list, is a usage error naming the value."""
+    if value is None:
+        return None
+    names = tuple(dict.fromkeys(name.strip() for name in value.split(",")))
+    unknown = [name for name in names if name not in BENCHMARK_GROUPS]
+    if not names or unknown or "" in names:
+        bad = ", ".join(repr(n) for n in unknown) or "an empty name"
+        raise pytest.UsageError(f"--ledger-groups={value!r}: {bad} is not a benchmark group; "
+                                f"choose from {', '.join(BENCHMARK_GROUPS)}")
+    return names
+
+
+def _item_group(item: pytest.Item) -> str | None:
+    marker = item.get_closest_marker("benchmark")
+    group = None if marker is None else marker.kwargs.get("group")
+    return None if group is None else str(group)
+
 
 def _cuda_available() -> bool:
     try:
@@ -64,6 +90,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="for every memory case more than 1%% off its prediction, measure it again and write its memory "
         "snapshot (memory_viz's format) into DIR",
     )
+    group.addoption(
+        "--ledger-timing",
+        choices=("burst", "sustained"),
+        default=None,
+        help="burst: one call per timed round; sustained: back-to-back calls filling at least 100 ms per round, "
+        "the GPU kept busy as under do_bench or training; default: sustained on CUDA, burst on CPU",
+    )
+    group.addoption(
+        "--ledger-cuda-graphs",
+        action="store_true",
+        help="on CUDA, also capture each timed callable in a CUDA graph and record its replay's time per call "
+        "(cuda_graph_median_s in extra_info) beside the eager figure",
+    )
+    group.addoption(
+        "--ledger-groups",
+        metavar="G1,G2",
+        default=None,
+        help="run only these benchmark groups (comma-separated; everything else is deselected): "
+        + ", ".join(BENCHMARK_GROUPS),
+    )
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -72,6 +118,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # chose a storage. Runs before pytest-benchmark's own pytest_configure reads the option.
     if getattr(config.option, "benchmark_storage", None) == _DEFAULT_STORAGE:
         config.option.benchmark_storage = f"file://{config.rootpath / 'results' / _device_tag()}"
+    parse_groups(config.getoption("--ledger-groups"))  # a bad name stops the run before anything is collected
     if config.getoption("--ledger-device") == "cuda" and not _cuda_available():
         raise pytest.UsageError("--ledger-device=cuda: no CUDA GPU is available here (torch.cuda.is_available())")
     uses_cuda = config.getoption("--ledger-device") != "cpu" and _cuda_available()
@@ -98,6 +145,13 @@ def ledger_size(pytestconfig: pytest.Config, ledger_device: str) -> str:
     return str(chosen) if chosen else ("full" if ledger_device == "cuda" else "small")
 
 
+@pytest.fixture(scope="session")
+def ledger_timing(pytestconfig: pytest.Config, ledger_device: str) -> str:
+    """How rounds are timed: ``sustained`` (default on CUDA) or ``burst`` (default on CPU)."""
+    chosen = pytestconfig.getoption("--ledger-timing")
+    return str(chosen) if chosen else ("sustained" if ledger_device == "cuda" else "burst")
+
+
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def device(request: pytest.FixtureRequest) -> str:
     """Run a test on the CPU and, when a GPU is present, again on CUDA."""
@@ -105,6 +159,15 @@ def device(request: pytest.FixtureRequest) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    groups = parse_groups(config.getoption("--ledger-groups"))
+    if groups is not None:
+        keep = [item for item in items if _item_group(item) in groups]
+        deselected = [item for item in items if _item_group(item) not in groups]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = keep
+    for item in items:  # the group travels with the reports (to the controller under xdist) for the wall times
+        item.user_properties.append(("ledger_group", _item_group(item) or NO_GROUP))
     if _cuda_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
@@ -120,6 +183,32 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         lines.append(f"torchledger: no saved run of this machine yet in {storage}: nothing to compare with; "
                      "run once with --benchmark-autosave")
     return lines
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Add each phase's duration (setup, call, teardown) to its benchmark group's wall time."""
+    group = dict(report.user_properties).get("ledger_group")
+    if group is not None:
+        _GROUP_WALL[str(group)] = _GROUP_WALL.get(str(group), 0.0) + float(report.duration)
+
+
+def group_wall_times() -> dict[str, float]:
+    """Seconds spent per benchmark group so far this session (setup, call and teardown of its tests)."""
+    return dict(_GROUP_WALL)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if not _GROUP_WALL:
+        return
+    terminalreporter.section("torchledger: wall time per benchmark group")
+    for group, seconds in sorted(_GROUP_WALL.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"{group:<20} {seconds:9.1f} s")
+    terminalreporter.write_line(f"{'total':<20} {sum(_GROUP_WALL.values()):9.1f} s")
+
+
+def pytest_benchmark_update_json(config: pytest.Config, benchmarks: Any, output_json: dict[str, Any]) -> None:
+    """File the per-group wall times with the run: ``group_wall_s`` at the top of the saved JSON."""
+    output_json["group_wall_s"] = group_wall_times()
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:

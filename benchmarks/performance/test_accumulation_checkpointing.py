@@ -56,7 +56,9 @@ def test_same_effective_batch(ledger: Ledger, sizes: dict[str, Any], micro_batch
     run()
     measured = peak_memory(device, run, model, step.optimizer, base=base, inputs=[idx, targets])
     case = MemoryCase(spec.name, per, config, seq_len=seq)
-    ledger.time(run, rounds=sizes["rounds"], warmup=1, recipe="32-true", effective_batch=batch,
+    ledger.time(run, rounds=sizes["rounds"], warmup=1, samples=batch,
+                work={"model": spec.name, "batch": batch, "seq_len": seq, "micro_batches": micro_batches},
+                recipe="32-true", effective_batch=batch,
                 micro_batches=micro_batches, rel_error=grad_error, **memory_info(case, measured))
 
 
@@ -79,7 +81,9 @@ def test_checkpointing(ledger: Ledger, sizes: dict[str, Any], mode: str) -> None
     measured = peak_memory(device, run, model, step.optimizer, base=base, inputs=list(batches[0]))
     none = activation_bytes(spec, batch, seq)
     kept = activation_bytes(spec, batch, seq, checkpointing=mode)
-    ledger.time(run, rounds=sizes["rounds"], warmup=1, recipe="32-true", checkpointing=mode,
+    ledger.time(run, rounds=sizes["rounds"], warmup=1, samples=batch,
+                work={"model": spec.name, "batch": batch, "seq_len": seq, "checkpointing": mode},
+                recipe="32-true", checkpointing=mode,
                 checkpointed_blocks=len(checkpointed_blocks(mode, spec.n_layers)),
                 predicted_activation_saving=none.saved - kept.saved,
                 **memory_info(MemoryCase(spec.name, batch, config, seq_len=seq), measured))

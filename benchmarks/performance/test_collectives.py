@@ -37,13 +37,16 @@ def test_all_reduce_sweep(ledger: Ledger, ledger_size: str, backend: str, tmp_pa
         mp.start_processes(collective_sweep, args=(world, _port(), backend, sizes, str(tmp_path)), nprocs=world,
                            start_method="spawn", join=True)
 
-    ledger.time(sweep, rounds=1, warmup=0, events=False, backend=backend, world_size=world)
+    ledger.time(sweep, rounds=1, warmup=0, events=False, work={"bytes": sizes[-1], "sizes": len(sizes)},
+                backend=backend, world_size=world)
     medians: dict[str, Any] = json.loads((tmp_path / "sweep.json").read_text())
     table = []
     for size, seconds in medians.items():
         algbw = int(size) / seconds
         table.append({"bytes": int(size), "seconds": seconds, "algbw": algbw, "busbw": bus_bandwidth(algbw, world)})
-    ledger.record(all_reduce=table, peak_busbw=max(row["busbw"] for row in table))
+    peak_busbw = max(row["busbw"] for row in table)
+    ledger.record(all_reduce=table, peak_busbw=peak_busbw)
+    ledger.set_comparable("gbps", peak_busbw / 1e9)  # NCCL's bus bandwidth of the best message size
 
 
 @pytest.mark.benchmark(group="collectives")
@@ -76,6 +79,9 @@ def test_data_parallel_step_vs_world_size(ledger: Ledger, sizes: dict[str, Any],
                 return
         raise RuntimeError(f"torchrun failed twice ({done.returncode}):\n{done.stderr[-3000:]}")
 
-    ledger.time(launch, rounds=1, warmup=0, events=False, sharding=sharding, world_size=world)
+    ledger.time(launch, rounds=1, warmup=0, events=False, work={
+        "model": sizes["gpt"], "batch": sizes["gpt_batch"], "seq_len": sizes["gpt_seq"], "world_size": world},
+        sharding=sharding, world_size=world)
     result = json.loads(out.read_text())
     ledger.record(step_median_s=result["median_s"], tokens_per_step=world * sizes["gpt_batch"] * sizes["gpt_seq"])
+    ledger.set_comparable("samples_per_s", world * sizes["gpt_batch"] / result["median_s"])  # sequences, all ranks

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.performance.conftest import record_work
 from torchledger.counting.model_count import count_model
 from torchledger.formulas import get_preset
 from torchledger.workloads import build_transformer, token_batch
@@ -52,7 +53,7 @@ def _cli_wall_and_peak_rss() -> tuple[float, int]:
 
 
 @pytest.mark.benchmark(group="count")
-def test_count_llama_7b_on_meta(benchmark) -> None:  # type: ignore[no-untyped-def]
+def test_count_llama_7b_on_meta(benchmark, ledger_size: str) -> None:  # type: ignore[no-untyped-def]
     report = benchmark.pedantic(count_model, args=(SPEC, 1, SEQ), kwargs={"backward": True}, rounds=3,
                                 warmup_rounds=1, iterations=1)
     assert report.errors == []
@@ -62,7 +63,9 @@ def test_count_llama_7b_on_meta(benchmark) -> None:  # type: ignore[no-untyped-d
     forward = 32 * (8 * t * d * d + 6 * t * d * f + 4 * t * t * d) + 2 * t * d * v
     assert report.figure("hooks") == report.figure("dispatch") == report.formula == 3 * forward == 87_784_836_562_944
     benchmark.extra_info.update({"device": "meta", "model": "llama-7b", "seq_len": SEQ, "flops": report.formula})
+    work = {"model": "llama-7b", "batch": 1, "seq_len": SEQ, "backward": True}
     if benchmark.disabled:
+        record_work(benchmark, ledger_size, work, {"name": "samples_per_s", "value": None, "fraction_of_peak": None})
         return
     _bare_flop_counter_mode()  # warm-up, as the counted case had
     bare = []
@@ -79,3 +82,5 @@ def test_count_llama_7b_on_meta(benchmark) -> None:  # type: ignore[no-untyped-d
         "cli_wall_s_including_torch_import": wall,
         "cli_peak_rss": rss,
     })
+    # models counted per second: the one figure of this case that compares across machines
+    record_work(benchmark, ledger_size, work, {"name": "samples_per_s", "value": 1 / count_s, "fraction_of_peak": None})

@@ -54,9 +54,10 @@ def test_epochs(ledger: Ledger, sizes: dict[str, Any], config: tuple[int, bool, 
             ledger.sync()
         return seen
 
-    seconds = ledger.time(run_epochs, rounds=1, warmup=0, events=False, num_workers=workers, pin_memory=pin,
-                          persistent_workers=persistent, epochs=EPOCHS)
     batches = EPOCHS * len(loader)
+    seconds = ledger.time(run_epochs, rounds=1, warmup=0, events=False, batches=batches,
+                          work={"items": sizes["loader_items"], "batch": sizes["loader_batch"], "epochs": EPOCHS},
+                          num_workers=workers, pin_memory=pin, persistent_workers=persistent, epochs=EPOCHS)
     ledger.record(first_batch_latency_s=list(first_batch), batches=batches,
                   batches_per_s=batches / seconds if seconds else None)
 
@@ -73,7 +74,8 @@ def test_host_to_device_copy(ledger: Ledger, sizes: dict[str, Any], memory: str)
     def copy() -> None:
         dev.copy_(host, non_blocking=True)
 
-    seconds = ledger.time(copy, rounds=sizes["rounds"], warmup=2, memory=memory, bytes=n)
+    seconds = ledger.time(copy, rounds=sizes["rounds"], warmup=2, bytes_moved=n, link="host", work={"bytes": n},
+                          memory=memory, bytes=n)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         spec = lookup_device(ledger.name)

@@ -3,7 +3,9 @@ three implementations."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
 from typing import Any
 
 import pytest
@@ -22,10 +24,17 @@ COMPILE_MODES = ["eager", "default", pytest.param("max-autotune-no-cudagraphs", 
 @pytest.mark.benchmark(group="fusion")
 @pytest.mark.parametrize("mode", COMPILE_MODES)
 def test_compile_forward(ledger: Ledger, sizes: dict[str, Any], mode: str) -> None:
-    device, spec = ledger.device, get_preset(sizes["gpt"])
+    """Eager against torch.compile on the profile's compile model: steady-state speed, with the compile time (the
+    first call, after a reset of dynamo's caches: Inductor's on-disk caches may still shorten it) and the peak
+    memory of one call beside it."""
+    device, spec = ledger.device, get_preset(sizes["compile_gpt"])
+    if sizes["compile_layers"]:
+        spec = dataclasses.replace(spec, n_layers=sizes["compile_layers"])
+    batch, seq = sizes["compile_batch"], sizes["compile_seq"]
     torch.manual_seed(0)
     model = build_transformer(spec, device=device).eval()
-    idx, _ = token_batch(spec, sizes["gpt_batch"], sizes["gpt_seq"], device=device)
+    idx, _ = token_batch(spec, batch, seq, device=device)
+    torch._dynamo.reset()
     forward = model if mode == "eager" else torch.compile(model, mode=mode)
 
     def run() -> torch.Tensor:
@@ -34,10 +43,38 @@ def test_compile_forward(ledger: Ledger, sizes: dict[str, Any], mode: str) -> No
 
     with torch.no_grad():
         reference = model(idx)[0]
+    ledger.sync()
+    start = time.perf_counter()
     out = run()  # the first call compiles (seconds); timing starts after it
+    ledger.sync()
+    compile_s = 0.0 if mode == "eager" else time.perf_counter() - start
     rel_error = float((out - reference).norm() / reference.norm())
-    ledger.time(run, rounds=sizes["rounds"], warmup=1, flops=FL.model_flops(spec, *idx.shape).forward,
-                mode=mode, dtype="fp32", rel_error=rel_error)
+    del out, reference
+    peak = _peak_bytes(ledger, run, compiled=mode != "eager")
+    ledger.time(run, rounds=sizes["rounds"], warmup=1, flops=FL.model_flops(spec, batch, seq).forward,
+                work={"model": sizes["compile_gpt"], "layers": spec.n_layers, "batch": batch, "seq_len": seq},
+                mode=mode, dtype="fp32", rel_error=rel_error, compile_s=compile_s, peak_memory=peak)
+
+
+def _peak_bytes(ledger: Ledger, fn: Any, compiled: bool) -> int | None:
+    """Peak bytes one call of ``fn`` allocates above what is allocated before it: the CUDA allocator's figure, or
+    on the CPU the storage tracker's. None for compiled code on the CPU: the tracker is a dispatch mode, under which
+    a compiled module runs eagerly, so its figure would be eager's."""
+    if not ledger.cuda and compiled:
+        return None
+    if ledger.cuda:
+        ledger.sync()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        ledger.sync()
+        return int(torch.cuda.max_memory_allocated() - before)
+    from torchledger.measuring.memory import measure_cpu
+
+    try:
+        return int(measure_cpu(fn, None, None).peak)
+    except Exception:
+        return None
 
 
 def _layer_norm_by_hand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -61,7 +98,8 @@ def test_layer_norm(ledger: Ledger, sizes: dict[str, Any], impl: str) -> None:
 
     rel_error = float((_layer_norm_by_hand(x, w, b) - F.layer_norm(x, (d,), w, b)).norm() / x.norm())
     # memory-bound: record the bytes the fused kernel must move (read x, write y; forward and backward)
-    ledger.time(run, rounds=sizes["rounds"], warmup=2, impl=impl, dtype="fp32", bytes_min=4 * rows * d * 2 * 2,
+    ledger.time(run, rounds=sizes["rounds"], warmup=2, bytes_moved=4 * rows * d * 2 * 2,
+                work={"shape": [rows, d]}, impl=impl, dtype="fp32", bytes_min=4 * rows * d * 2 * 2,
                 rel_error=rel_error)
 
 
@@ -88,7 +126,7 @@ def test_attention(ledger: Ledger, sizes: dict[str, Any], impl: str) -> None:
     rel_error = float((fn(q, k, v) - _attention_by_hand(q, k, v)).norm() / _attention_by_hand(q, k, v).norm())
     # model FLOPs (forward + 2x forward, dense) so that both rows compare on the same work
     ledger.time(run, rounds=sizes["rounds"], warmup=2, flops=3 * FL.attention_flops(b, h, t, t, d), impl=impl,
-                dtype="fp32", rel_error=rel_error)
+                work={"shape": [b, h, t, d]}, dtype="fp32", rel_error=rel_error)
 
 
 @pytest.mark.benchmark(group="fusion")
@@ -101,5 +139,7 @@ def test_adamw_step(ledger: Ledger, sizes: dict[str, Any], impl: str) -> None:
         p.grad = torch.randn_like(p)
     optimizer = make_optimizer(model.parameters(), TrainConfig(optimizer="adamw", optimizer_impl=impl))
     n = sum(p.numel() for p in model.parameters())
-    ledger.time(optimizer.step, rounds=sizes["rounds"], warmup=2, impl=impl, dtype="fp32", params=n,
+    # memory-bound: reads parameter, gradient and both moments, writes parameter and both moments (fp32)
+    ledger.time(optimizer.step, rounds=sizes["rounds"], warmup=2, bytes_moved=7 * 4 * n,
+                work={"model": sizes["gpt"], "params": n}, impl=impl, dtype="fp32", params=n,
                 tensors=len(list(model.parameters())))

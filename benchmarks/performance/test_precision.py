@@ -16,7 +16,7 @@ from torchledger.measuring.training import MemoryCase
 from torchledger.workloads.models import MLP, quantize_int8
 from torchledger.workloads.train_step import TrainConfig
 
-MATMUL_DTYPES = ["fp32", "tf32", "fp16", "bf16", "int8", "fp8"]
+MATMUL_DTYPES = ["fp32", "tf32", "fp16", "bf16", "int8", "int8 col-major b", "fp8"]
 
 
 def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -47,10 +47,12 @@ def test_matmul(ledger: Ledger, sizes: dict[str, Any], dtype: str) -> None:
     elif dtype in ("fp16", "bf16"):
         a, b = (x.to(torch.float16 if dtype == "fp16" else torch.bfloat16) for x in (a32, b32))
         fn = lambda: a @ b  # noqa: E731
-    elif dtype == "int8":
+    elif dtype.startswith("int8"):
         scale_a, scale_b = a32.abs().max() / 127, b32.abs().max() / 127
         a8 = (a32 / scale_a).round().to(torch.int8)
         b8 = (b32 / scale_b).round().to(torch.int8)
+        if dtype == "int8 col-major b":  # the layout cuBLASLt's int8 kernels take (as _scaled_mm's fp8 below)
+            b8 = b8.t().contiguous().t()
         fn = lambda: torch._int_mm(a8, b8)  # noqa: E731
     else:
         reason = _fp8_supported(device)
@@ -60,14 +62,21 @@ def test_matmul(ledger: Ledger, sizes: dict[str, Any], dtype: str) -> None:
         scale_a = (a32.abs().max() / torch.finfo(fp8).max).float()
         scale_b = (b32.abs().max() / torch.finfo(fp8).max).float()
         a8 = (a32 / scale_a).to(fp8)
-        b8 = (b32 / scale_b).to(fp8).t().contiguous().t()  # column-major second operand
+        b8 = (b32 / scale_b).to(fp8).t().contiguous().t()  # column-major second operand, as _scaled_mm requires
         fn = lambda: torch._scaled_mm(a8, b8, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)  # noqa: E731
     try:
         out = fn()
-        if dtype == "int8":
+        if dtype.startswith("int8"):
             out = out.double() * float(scale_a) * float(scale_b)
-        ledger.time(fn, rounds=sizes["rounds"], warmup=2, flops=F.matmul_flops(n, n, n), mfu_dtype=dtype,
-                    dtype=dtype, rel_error=_rel_error(out, ref), shape=[n, n, n])
+        peak = "int8" if dtype.startswith("int8") else dtype
+        layout = "column-major" if dtype == "int8 col-major b" else "row-major"
+        seconds = ledger.time(fn, rounds=sizes["rounds"], warmup=2, flops=F.matmul_flops(n, n, n), mfu_dtype=peak,
+                              work={"shape": [n, n, n]}, dtype=peak, rel_error=_rel_error(out, ref), shape=[n, n, n],
+                              b_layout=layout if peak in ("int8", "fp8") else "row-major")
+        if peak == "int8" and seconds:
+            ceiling = ledger.peak_flops("int8")
+            tops = F.matmul_flops(n, n, n) / seconds
+            ledger.record(tops=tops / 1e12, fraction_of_int8_peak=None if ceiling is None else tops / ceiling)
     finally:
         torch.set_float32_matmul_precision(previous)
 
@@ -112,7 +121,9 @@ def test_train_step(ledger: Ledger, sizes: dict[str, Any], workload: str, recipe
 
     run()  # optimizer state, so the measured peak is the steady state the prediction describes
     measured = peak_memory(device, run, model, step.optimizer, base=base, inputs=[t for b in batches for t in b])
-    ledger.time(run, rounds=sizes["rounds"], warmup=1, flops=flops,
+    work = {"model": "mlp", "dims": list(case.mlp.dims), "batch": case.batch} if workload == "mlp" else {
+        "model": sizes["gpt"], "batch": case.batch, "seq_len": case.seq_len}
+    ledger.time(run, rounds=sizes["rounds"], warmup=1, flops=flops, work=work,
                 mfu_dtype="fp32" if recipe == "32-true" else ("fp16" if recipe == "16-mixed" else "bf16"),
                 recipe=recipe, workload=workload, rel_error=rel_error, **memory_info(case, measured))
 
@@ -156,7 +167,8 @@ def test_int8_inference(ledger: Ledger, sizes: dict[str, Any], scheme: str) -> N
 
     out = run()
     ledger.time(run, rounds=sizes["rounds"], warmup=2, flops=F.mlp_flops(spec, x.shape[0]).forward,
-                mfu_dtype="int8", dtype="int8", scheme=scheme, rel_error=_rel_error(out, ref.double()))
+                work={"model": "mlp", "dims": list(spec.dims), "batch": x.shape[0]}, mfu_dtype="int8", dtype="int8",
+                scheme=scheme, rel_error=_rel_error(out, ref.double()))
 
 
 def _has_torchao() -> bool:

@@ -4,10 +4,18 @@ CUDA kernels run asynchronously: a timer that does not synchronize measures the 
 pytest-benchmark timer on CUDA is :func:`synchronized_perf_counter` (the root conftest sets it through
 ``--benchmark-timer`` unless the user chose another), and every GPU benchmark also records the median of CUDA-event
 timings (:func:`cuda_event_times`), which time the stream itself.
+
+Burst against sustained load: a round that is one kernel, then a synchronize and some Python, leaves the GPU idle
+between rounds, and a GPU that is idle part of the time keeps higher clocks than one kept busy (a 700 W part lowers
+its SM clock under sustained tensor-core work to stay within its power limit). ``triton.testing.do_bench`` keeps the
+GPU busy for about 100 ms. The suite's default on CUDA is therefore *sustained* timing: each timed round is several
+back-to-back calls lasting at least :data:`SUSTAINED_ROUND_S`, as many as :func:`iterations_for` sizes from a first
+estimate; *burst* timing (one call per round) is the other mode.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -15,6 +23,46 @@ from collections.abc import Callable
 import torch
 
 L2_FLUSH_BYTES = 256 * 2**20  # as triton.testing.do_bench: larger than any current GPU's L2
+
+TIMING_MODES = ("burst", "sustained")
+# The least time one sustained round lasts: do_bench's measuring window (its default ``rep`` is 100 ms), so that
+# both timers keep the GPU under the same load and their figures can be compared.
+SUSTAINED_ROUND_S = 0.1
+# The most calls in one round: a 10 us kernel then fills 10 ms, and the round count stays bounded in wall time.
+MAX_ITERATIONS = 1000
+
+
+def iterations_for(first_estimate_s: float, min_round_s: float, max_iterations: int) -> int:
+    """Calls per timed round so that a round lasts at least ``min_round_s``, given one call's estimated seconds:
+    ``ceil(min_round_s / first_estimate_s)``, at least 1 and at most ``max_iterations``. A call of zero estimated
+    time (a clock too coarse to see it) gets ``max_iterations``."""
+    if not math.isfinite(first_estimate_s) or first_estimate_s < 0:
+        raise ValueError(f"first_estimate_s must be a finite number >= 0, got {first_estimate_s!r}")
+    if not math.isfinite(min_round_s) or min_round_s < 0:
+        raise ValueError(f"min_round_s must be a finite number >= 0, got {min_round_s!r}")
+    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
+        raise ValueError(f"max_iterations must be an integer >= 1, got {max_iterations!r}")
+    if first_estimate_s == 0:
+        return max_iterations if min_round_s > 0 else 1
+    return max(1, min(max_iterations, math.ceil(min_round_s / first_estimate_s)))
+
+
+def agrees_with_do_bench(harness_s: float, do_bench_s: float, harness_sm_mhz: float | None = None,
+                         do_bench_sm_mhz: float | None = None, *, tolerance: float = 0.05,
+                         clock_tolerance: float = 0.03) -> dict[str, float | bool | None]:
+    """Whether the suite's time per call agrees with ``do_bench``'s: within ``tolerance`` (5%) as measured, or
+    within ``clock_tolerance`` (3%) once each is normalized by the SM clock it ran at (seconds x MHz: clock cycles,
+    the same for the same kernel at any clock while it is compute-bound). Returns ``ratio`` (harness / do_bench),
+    ``cycle_ratio`` (None without both clocks) and ``agrees``."""
+    for name, value in (("harness_s", harness_s), ("do_bench_s", do_bench_s)):
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    ratio = harness_s / do_bench_s
+    cycle_ratio = None
+    if harness_sm_mhz and do_bench_sm_mhz:
+        cycle_ratio = (harness_s * harness_sm_mhz) / (do_bench_s * do_bench_sm_mhz)
+    agrees = abs(ratio - 1) <= tolerance or (cycle_ratio is not None and abs(cycle_ratio - 1) <= clock_tolerance)
+    return {"ratio": ratio, "cycle_ratio": cycle_ratio, "agrees": agrees}
 
 
 def synchronized_perf_counter() -> float:
@@ -34,8 +82,9 @@ class L2Flush:
 
 
 def cuda_event_times(fn: Callable[[], object], *, rounds: int = 20, warmup: int = 3,
-                     flush: L2Flush | None = None) -> list[float]:
-    """Seconds per call of ``fn`` measured with CUDA events on the current stream, after ``warmup`` calls."""
+                     flush: L2Flush | None = None, iterations: int = 1) -> list[float]:
+    """Seconds per call of ``fn`` measured with CUDA events on the current stream, after ``warmup`` calls: each
+    round times ``iterations`` back-to-back calls between two events and divides by their number."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -45,11 +94,38 @@ def cuda_event_times(fn: Callable[[], object], *, rounds: int = 20, warmup: int 
             flush()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(iterations):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / 1000.0)
+        times.append(start.elapsed_time(end) / 1000.0 / iterations)
     return times
+
+
+def cuda_graph(fn: Callable[[], object], *, warmup: int = 3) -> Callable[[], None]:
+    """``fn`` captured once in a ``torch.cuda.CUDAGraph``; the returned callable replays it (one launch for all its
+    kernels, no Python per kernel). Warmed up on a side stream first, as capture requires. Raises RuntimeError
+    without CUDA, or when ``fn`` cannot be captured (it synchronizes, reads a value on the host, allocates on the
+    CPU side...)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("CUDA graphs need a CUDA GPU: torch.cuda.is_available() is False")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+
+    def replay() -> None:
+        graph.replay()
+
+    replay.graph = graph  # type: ignore[attr-defined]  # keeps the graph (and its memory pool) alive
+    return replay
 
 
 def wall_times(fn: Callable[[], object], *, rounds: int = 5, warmup: int = 1, device: str = "cpu") -> list[float]:
