@@ -25,7 +25,7 @@ def write_run(folder: Path, index: int, medians: dict[str, float], *, gpu: str |
     path.write_text(json.dumps({
         "machine_info": {"torchledger": {"device_tag": tag, "gpus": [{"name": gpu, "memory_bytes": 80 * 2**30}]
                                          if gpu else [], "cpu_model": "Test CPU", "ram_bytes": 2**34}},
-        "commit_info": {"id": f"{index:040d}"},
+        "commit_info": {"id": f"{index:04d}".ljust(40, "c")},  # one commit per run
         "datetime": f"2026-01-{index + 1:02d}T00:00:00",
         "benchmarks": [{"name": n, "fullname": f"benchmarks/performance/t.py::{n}", "group": BENCHES.get(n, "g"),
                         "stats": {"median": m, "iqr": m * 0.01, "rounds": 5},
@@ -69,8 +69,8 @@ def test_faster_run_is_an_improvement(tmp_path: Path) -> None:
     medians = {n: 1e-3 * (1 + rng.gauss(0, 0.02)) for n in BENCHES}
     medians["test_epochs[workers2]"] = 0.7e-3  # 30% faster
     write_run(tmp_path, 6, medians)
-    assert main(["regress", str(tmp_path)]) == 0
-    (comparison,) = [compare_history(h) for h in load_runs([tmp_path]).values()]
+    assert main(["regress", str(tmp_path), "--group-threshold", "dataloader=0.2"]) == 0
+    (comparison,) = [compare_history(h, group_thresholds={"dataloader": 0.2}) for h in load_runs([tmp_path]).values()]
     assert [(f.name.split("::")[-1], f.kind) for f in comparison.findings] == [("test_epochs[workers2]",
                                                                                "improvement")]
 
@@ -104,14 +104,16 @@ def test_empty_folder_is_bad_usage(tmp_path: Path, command: str, capsys: pytest.
 def test_report_merges_machines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results = tmp_path / "results"
     mem = {"test_checkpointing[full]": {"predicted_memory": 1000, "peak_memory": 1010},
-           "test_matmul[bf16]": {"intensity": 2730.7, "tflops": 700.0, "dtype": "bf16"}}
+           "test_matmul[bf16]": {"intensity": 2730.7, "tflops": 700.0, "dtype": "bf16"},
+           "test_epochs[workers2]": {"batches": 24}}
     write_run(results, 0, dict.fromkeys(BENCHES, 1e-3), gpu="NVIDIA H100 80GB HBM3", extra=mem)
     write_run(results, 1, dict.fromkeys(BENCHES, 2e-3), gpu="NVIDIA A100-SXM4-80GB", extra=mem)
     out = tmp_path / "report"
     assert main(["report", str(results), "-o", str(out), "--reference", "cuda-nvidia-a100-sxm4-80gb"]) == 0
     page = (out / "report.md").read_text()
     assert "NVIDIA H100 80GB HBM3" in page and "NVIDIA A100-SXM4-80GB" in page
-    assert "| 2.00x |" in page  # the H100 run took half the A100's time
+    assert "| 2x (time, same work) |" in page  # the H100 took half the A100's time for the same 24 batches
+    assert "| not compared: work not recorded on reference, this |" in page  # no work: no ratio of seconds
     assert "-0.99%" in page  # predicted 1000 B against measured 1010 B: (1000 - 1010) / 1010
     for figure in ("speed-precision.png", "roofline.png", "memory.png"):
         assert (out / figure).stat().st_size > 1000

@@ -26,8 +26,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from torchledger.formulas.hardware import DEVICES, DeviceSpec
-from torchledger.reporting.results import Run, SkippedData, finite, newest_results, shown
-from torchledger.reporting.units import format_bytes
+from torchledger.reporting.results import (
+    Comparable,
+    Described,
+    Result,
+    Run,
+    SkippedData,
+    describe,
+    finite,
+    newest_results,
+    shown,
+    work_difference,
+    work_text,
+)
+from torchledger.reporting.units import format_bytes, format_rate, format_seconds
 
 
 def _progress(step: int, total: int, what: str) -> None:
@@ -61,12 +73,16 @@ def _system_rows(runs: dict[str, Run]) -> list[str]:
     return lines
 
 
+_ELEMENT_BYTES = {"fp64": 8, "fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
+_MARKERS = {"fp64": "X", "fp32": "o", "tf32": "s", "bf16": "^", "fp16": "v", "fp8": "D", "int8": "P"}
+_UNITS = {"tflops": "TFLOP/s", "gbps": "GB/s", "samples_per_s": "samples/s", "batches_per_s": "batches/s"}
+
+
 @dataclass
 class _Measures:
     """The figures of one run that the report reads from ``extra_info``, each value checked once."""
 
-    roofline: list[tuple[float, float, str]] = field(default_factory=list)  # intensity, FLOP/s, dtype
-    peaks: dict[str, float] = field(default_factory=dict)  # measured matmul FLOP/s by dtype
+    roofline: dict[str, tuple[float, float, str]] = field(default_factory=dict)  # dtype: intensity, TFLOP/s, bench
     bandwidth: float | None = None  # measured copy bandwidth, bytes/s
     memory: list[tuple[str, int, int]] = field(default_factory=list)  # benchmark, predicted, measured bytes
 
@@ -84,16 +100,30 @@ def _number(run: Run, name: str, key: str) -> float | None:
     return number
 
 
+def _intensity(run: Run, name: str, dtype: str) -> float | None:
+    """FLOP per byte of a matmul: recorded, or from its (m, k, n) shape with inputs and output in ``dtype``."""
+    recorded = _number(run, name, "intensity")
+    if recorded is not None or "intensity" in run.results[name].extra_info:
+        return recorded
+    shape = run.results[name].extra_info.get("shape")
+    size = _ELEMENT_BYTES.get(dtype)
+    if not (isinstance(shape, list) and len(shape) == 3 and size):
+        return None
+    m, k, n = (finite(v) for v in shape)
+    if m is None or k is None or n is None or min(m, k, n) <= 0:
+        return None
+    return 2 * m * k * n / (size * (m * k + k * n + m * n))
+
+
 def _measures(run: Run) -> _Measures:
     m = _Measures()
-    for name, r in run.results.items():
+    for name, r in sorted(run.results.items()):
         dtype = r.extra_info.get("dtype")
         dtype = dtype if isinstance(dtype, str) else ""
-        intensity, tflops = _number(run, name, "intensity"), _number(run, name, "tflops")
-        if intensity is not None and tflops is not None:
-            m.roofline.append((intensity, tflops * 1e12, dtype))
-        if tflops is not None and dtype and "matmul" in name:
-            m.peaks[dtype] = max(m.peaks.get(dtype, 0.0), tflops * 1e12)
+        intensity, tflops = _intensity(run, name, dtype), _number(run, name, "tflops")
+        if intensity is not None and tflops is not None and dtype and (dtype not in m.roofline
+                                                                       or tflops > m.roofline[dtype][1]):
+            m.roofline[dtype] = (intensity, tflops, name)
         if "copy_bandwidth" in name:
             m.bandwidth = _number(run, name, "bandwidth_bytes_per_s") or m.bandwidth
         predicted, peak = _number(run, name, "predicted_memory"), _number(run, name, "peak_memory")
@@ -108,85 +138,175 @@ def _lookup(name: str) -> DeviceSpec | None:
     return next((d for d in DEVICES if any(re.search(p, key) for p in d.patterns)), None)
 
 
-def _ceilings(run: Run, measured: _Measures) -> tuple[dict[str, float], float | None]:
-    """Peak FLOP/s by dtype and memory bandwidth for a machine: the table's for a known GPU, else measured."""
+def _ceilings(run: Run, measured: _Measures) -> tuple[dict[str, float], float | None, str]:
+    """Peak TFLOP/s by dtype, memory bandwidth (bytes/s) and where they come from: the hardware table's for a known
+    GPU, else the machine's own best measured matmul per dtype and copy bandwidth."""
     info = run.machine_info.get("torchledger")
     gpus = info.get("gpus") if isinstance(info, dict) else None
     if isinstance(gpus, list) and gpus and isinstance(gpus[0], dict):
         spec = _lookup(str(gpus[0].get("name")))
         if spec is not None:
-            return dict(spec.peaks), spec.memory_bandwidth
-    return dict(measured.peaks), measured.bandwidth
+            return {d: p / 1e12 for d, p in spec.peaks.items()}, spec.memory_bandwidth, f"datasheet ({spec.name})"
+    return {d: v[1] for d, v in measured.roofline.items()}, measured.bandwidth, "measured"
 
 
-def _plot_speed(group: str, names: list[str], speed: dict[str, list[float | None]], out: Path) -> None:
+def colours(machines: list[str]) -> dict[str, str]:
+    """One colour per machine, the same in every figure of a report."""
+    return {m: f"C{i % 10}" for i, m in enumerate(machines)}
+
+
+def _ratio(x: float) -> str:
+    return f"{x:,.0f}x" if x >= 1000 else f"{x:.3g}x"
+
+
+def _spread_labels(items: list[tuple[float, str, str]], gap: float) -> list[tuple[float, str, str]]:
+    """Labels at (log10) heights moved apart, in order, so that no two are closer than ``gap`` decades."""
+    out: list[tuple[float, str, str]] = []
+    for y, text, colour in sorted(items):
+        if out and y - out[-1][0] < gap:
+            y = out[-1][0] + gap
+        out.append((y, text, colour))
+    return out
+
+
+def _plot_speed(group: str, names: list[str], speed: dict[str, list[float | None]], notes: list[str],
+                colour: dict[str, str], reference: str, out: Path) -> None:
+    import math
+
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    fig = Figure(figsize=(10, max(3.0, 0.35 * len(names) + 1.5)))
+    fig = Figure(figsize=(10, max(3.0, 0.45 * len(names) * max(len(speed), 1) + 1.6)))
     ax = fig.subplots()
     height = 0.8 / max(len(speed), 1)
-    for i, (machine, values) in enumerate(speed.items()):
+    values = [v for vs in speed.values() for v in vs if v]
+    lo = min([*values, 1.0]) / 3
+    hi = max([*values, 1.0]) * 3
+    for i, (machine, vs) in enumerate(speed.items()):
         ys = [j + i * height for j in range(len(names))]
-        ax.barh(ys, [v or 0.0 for v in values], height=height, label=machine)
+        bars = [(y, v) for y, v in zip(ys, vs, strict=True) if v]
+        ax.barh([y for y, _ in bars], [v - 1 for _, v in bars], left=1, height=height, color=colour[machine],
+                label=machine)
+        for y, v in bars:
+            ax.annotate(_ratio(v), (v, y), xytext=(3 if v >= 1 else -3, 0), textcoords="offset points",
+                        ha="left" if v >= 1 else "right", va="center", fontsize=7)
+    for j, note in enumerate(notes):
+        if note:
+            ax.annotate(note, (1, j + 0.4 - height / 2), xytext=(4, 0), textcoords="offset points", va="center",
+                        fontsize=7, color="dimgray")
+    ax.set_xscale("log")
+    ax.set_xlim(lo, hi)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _ratio(x) if x > 0 and math.isfinite(x) else ""))
+    ax.xaxis.set_minor_formatter(NullFormatter())  # plain labels only: no mathtext (its parser is not thread-safe)
     ax.set_yticks([j + 0.4 - height / 2 for j in range(len(names))])
     ax.set_yticklabels([n.split("::")[-1][:60] for n in names], fontsize=7)
+    ax.invert_yaxis()
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xlabel("speed relative to the reference machine (higher is faster)")
+    ax.set_xlabel(f"speed relative to {reference} (log scale; > 1 is faster): rate ratio, or time ratio of "
+                  "identical work")
     ax.set_title(f"group: {group}")
-    ax.legend(fontsize=7)
+    if values:
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
 
-def _plot_roofline(runs: dict[str, Run], measures: dict[str, _Measures], out: Path) -> bool:
-    from matplotlib.figure import Figure
+def _plot_roofline(runs: dict[str, Run], measures: dict[str, _Measures], out: Path,
+                   colour: dict[str, str] | None = None) -> list[tuple[str, str, float, float, float | None]]:
+    """The roofline figure; returns its points: machine, dtype, intensity, TFLOP/s, fraction of that dtype's
+    ceiling at that intensity (None without a ceiling)."""
+    import math
 
-    fig = Figure(figsize=(8, 5.5))
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    colour = colour or colours(list(runs))
+    points: list[tuple[str, str, float, float, float | None]] = []
+    lines: list[tuple[str, str, float, float]] = []  # machine, dtype, peak TFLOP/s, bandwidth TB/s
+    for tag, run in runs.items():
+        peaks, bandwidth, _ = _ceilings(run, measures[tag])
+        for dtype, (x, y, _name) in sorted(measures[tag].roofline.items()):
+            peak = peaks.get(dtype)
+            roof = min(peak, x * bandwidth / 1e12) if peak and bandwidth else peak
+            points.append((tag, dtype, x, y, y / roof if roof else None))
+            if peak and bandwidth:
+                lines.append((tag, dtype, peak, bandwidth / 1e12))
+    if not points:
+        return points
+    fig = Figure(figsize=(10.5, 6.5))
     ax = fig.subplots()
-    drew = False
-    for i, (tag, run) in enumerate(runs.items()):
-        color = f"C{i}"
-        peaks, bandwidth = _ceilings(run, measures[tag])
-        for x, y, label in measures[tag].roofline:
-            ax.scatter([x], [y], color=color)
-            ax.annotate(label, (x, y), fontsize=7, color=color)
-            drew = True
-        if bandwidth and peaks:
-            top = max(peaks.values())
-            xs = [0.1, top / bandwidth, 1e5]
-            ax.plot(xs, [min(top, x * bandwidth) for x in xs], color=color, linestyle="--", label=f"{tag} ceiling")
-    if not drew:
-        return False
+    xs = [p[2] for p in points]
+    x_lo, x_hi = min(xs) / 30, max(xs) * 40  # room on the right for the ceilings' labels
+    for tag, dtype, x, y, _ in points:
+        ax.scatter([x], [y], color=colour[tag], marker=_MARKERS.get(dtype, "o"), s=40, zorder=3,
+                   edgecolors="black", linewidths=0.4)
+    label_items: list[tuple[float, str, str]] = []
+    by_ceiling: dict[tuple[str, float, float], list[str]] = {}
+    for tag, dtype, peak, bw in lines:
+        key = next((k for k in by_ceiling if k[0] == tag and abs(k[1] / peak - 1) < 0.02), (tag, peak, bw))
+        by_ceiling.setdefault(key, []).append(dtype)
+    for (tag, peak, bw), dtypes in by_ceiling.items():
+        ridge = peak / bw
+        grid = sorted({x_lo, min(max(ridge, x_lo), x_hi), x_hi})
+        ax.plot(grid, [min(peak, g * bw) for g in grid], color=colour[tag], linewidth=1, linestyle="--", zorder=2)
+        text = f"{tag} {', '.join(dtypes)}: {format_rate(peak, 'TFLOP/s')}"
+        label_items.append((math.log10(peak), text, colour[tag]))
+    ys = [p[3] for p in points] + [p[2] for p in lines]
+    y_lo, y_hi = min(ys) / 10, max(ys) * 4
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_xlim(x_lo, x_hi)
+    ax.set_ylim(y_lo, y_hi)
+    gap = (math.log10(y_hi) - math.log10(y_lo)) * 0.04
+    for y, text, c in _spread_labels(label_items, gap):
+        ax.annotate(text, (x_hi, 10 ** y), xytext=(-4, 2), textcoords="offset points", ha="right", va="bottom",
+                    fontsize=7, color=c)
+    number = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(number)
+        axis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("arithmetic intensity (FLOP/byte)")
-    ax.set_ylabel("achieved FLOP/s")
-    ax.set_title("roofline")
-    ax.legend(fontsize=7)
+    ax.set_ylabel("achieved TFLOP/s")
+    ax.set_title("roofline: each matmul under its own dtype's ceiling (dashed)")
+    handles = [Line2D([], [], color=colour[t], linestyle="--", label=t) for t in runs]
+    dtypes = sorted({p[1] for p in points}, key=lambda d: list(_MARKERS).index(d) if d in _MARKERS else 99)
+    handles += [Line2D([], [], color="gray", marker=_MARKERS.get(d, "o"), linestyle="", label=d) for d in dtypes]
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(True, which="major", linewidth=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    return True
+    return points
 
 
-def _plot_memory(runs: dict[str, Run], measures: dict[str, _Measures], out: Path) -> list[tuple[str, str, int, int]]:
+def _plot_memory(runs: dict[str, Run], measures: dict[str, _Measures], out: Path,
+                 colour: dict[str, str] | None = None) -> list[tuple[str, str, int, int]]:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
+    colour = colour or colours(list(runs))
     rows = [(tag, name, predicted, measured) for tag in runs for name, predicted, measured in measures[tag].memory]
     if not rows:
         return rows
-    fig = Figure(figsize=(6, 6))
+    fig = Figure(figsize=(6.5, 6))
     ax = fig.subplots()
-    for i, tag in enumerate(runs):
+    for tag in runs:
         pts = [(p, m) for t, _, p, m in rows if t == tag]
         if pts:
-            ax.scatter([p for p, _ in pts], [m for _, m in pts], color=f"C{i}", label=tag)
-    lo = min(min(p, m) for _, _, p, m in rows)
-    hi = max(max(p, m) for _, _, p, m in rows)
+            ax.scatter([p for p, _ in pts], [m for _, m in pts], color=colour[tag], label=tag, zorder=3)
+    lo = min(min(p, m) for _, _, p, m in rows) / 1.5
+    hi = max(max(p, m) for _, _, p, m in rows) * 1.5
     ax.plot([lo, hi], [lo, hi], color="black", linewidth=0.8, label="measured = predicted")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("predicted peak (bytes)")
-    ax.set_ylabel("measured peak (bytes)")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    in_bytes = FuncFormatter(lambda v, _: format_bytes(v) if v > 0 else "")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(in_bytes)
+        axis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("predicted peak memory")
+    ax.set_ylabel("measured peak memory")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -205,15 +325,58 @@ def _figure_names(groups: list[str]) -> dict[str, str]:
     return names
 
 
+def _figure(c: Comparable | None, result: Result | None) -> str:
+    """A table cell: the comparable figure with its fraction of peak, and the median time."""
+    if result is None:
+        return "-"
+    time = format_seconds(result.median)
+    if c is None:
+        return time
+    text = format_rate(c.value, _UNITS[c.name])
+    if c.fraction_of_peak is not None:
+        text += f" ({c.fraction_of_peak * 100:.0f}% of {c.dtype + ' ' if c.dtype else ''}peak)"
+    return f"{text}; {time}"
+
+
+def compare_row(ref: tuple[Result, Described] | None, other: tuple[Result, Described] | None
+                ) -> tuple[float | None, str]:
+    """How a machine's result compares with the reference's: (speed ratio or None, the cell that says so).
+
+    A rate of the hardware (TFLOP/s, GB/s) compares across sizes of work; seconds, and rates of samples or batches,
+    only between runs of identical, recorded work. Anything else is not a speed ratio: the cell names why.
+    """
+    if ref is None or other is None:
+        return None, "-" if other is None else "no reference result"
+    (r_res, r_desc), (o_res, o_desc) = ref, other
+    same_work = r_desc.work is not None and r_desc.work == o_desc.work
+    rc, oc = r_desc.comparable, o_desc.comparable
+    if rc is not None and oc is not None and rc.name == oc.name and (rc.size_free or same_work):
+        ratio = oc.value / rc.value
+        return ratio, f"{_ratio(ratio)} ({_UNITS[rc.name]}{', same work' if same_work else ''})"
+    if same_work:
+        ratio = r_res.median / o_res.median
+        return ratio, f"{_ratio(ratio)} (time, same work)"
+    difference = work_difference({"reference": r_desc.work, "this": o_desc.work})
+    return None, f"not compared: {difference}"
+
+
 def _write(runs: dict[str, Run], ref: str, folder: Path) -> None:
     """The page and its figures, into ``folder``."""
+    colour = colours(list(runs))
     measures = {tag: _measures(run) for tag, run in runs.items()}
+    described = {tag: {n: (r, describe(r, f"{run.path}: {n}")) for n, r in run.results.items()}
+                 for tag, run in runs.items()}
     groups = sorted({r.group for run in runs.values() for r in run.results.values()})
     figures = _figure_names(groups)
+    others = [t for t in runs if t != ref]
     total = len(groups) + 3
     step = 0
     lines = ["# Hardware comparison", "",
-             f"The newest run of each of {len(runs)} machine(s); speeds relative to `{ref}`.", "",
+             f"The newest state of each of {len(runs)} machine(s) (all runs of its newest commit), compared with "
+             f"`{ref}`. Machines are compared on rates that do not depend on the size of the work (TFLOP/s, GB/s), "
+             "each with its fraction of that machine's own peak for the dtype; seconds only between runs of "
+             "identical work. Rows whose work differs show both machines side by side with the difference named, "
+             "never as a speed ratio.", "",
              "## Machines", "", *_system_rows(runs), ""]
     step += 1
     _progress(step, total, "machines")
@@ -222,36 +385,53 @@ def _write(runs: dict[str, Run], ref: str, folder: Path) -> None:
         step += 1
         _progress(step, total, f"group {group}")
         names = sorted({n for run in runs.values() for n, r in run.results.items() if r.group == group})
-        ref_results = runs[ref].results
-        speed: dict[str, list[float | None]] = {}
-        lines += [f"### {_cell(group)}", "", "| benchmark | " + " | ".join(f"{t} median" for t in runs) + " | "
-                  + " | ".join(f"{t} speed" for t in runs) + " |",
-                  "| --- |" + " --- |" * (2 * len(runs))]
-        for tag, run in runs.items():
-            speed[tag] = [
-                (ref_results[n].median / run.results[n].median) if n in run.results and n in ref_results else None
-                for n in names
-            ]
-        for j, n in enumerate(names):
-            medians = [f"{runs[t].results[n].median:.4g} s" if n in runs[t].results else "-" for t in runs]
-            speeds = [f"{speed[t][j]:.2f}x" if speed[t][j] else "-" for t in runs]
-            lines.append(f"| {_cell(n.split('::')[-1])} | " + " | ".join(medians) + " | " + " | ".join(speeds)
-                         + " |")
-        _plot_speed(group, names, speed, folder / figures[group])
+        speed: dict[str, list[float | None]] = {t: [] for t in others}
+        notes: list[str] = []
+        lines += [f"### {_cell(group)}", "",
+                  "| benchmark | work | " + " | ".join(runs) + "".join(f" | {t} against {ref}" for t in others)
+                  + " |", "| --- | --- |" + " --- |" * (len(runs) + len(others))]
+        for n in names:
+            row = {t: described[t].get(n) for t in runs}
+            works = {t: d[1].work for t, d in row.items() if d is not None}
+            difference = work_difference(works)
+            work = work_text(next(iter(works.values()))) if not difference or len(works) == 1 else \
+                f"differs: {difference}"
+            cells = [_figure(d[1].comparable if d else None, d[0] if d else None) for d in row.values()]
+            versus = []
+            for t in others:
+                ratio, text = compare_row(row[ref], row[t])
+                speed[t].append(ratio)
+                versus.append(text)
+            notes.append("" if any(speed[t][-1] for t in others) else
+                         ("work differs: not compared" if difference and len(works) > 1 else ""))
+            lines.append(f"| {_cell(n.split('::')[-1])} | {_cell(work)} | " + " | ".join(cells)
+                         + "".join(f" | {_cell(v)}" for v in versus) + " |")
+        _plot_speed(group, names, speed, notes, colour, ref, folder / figures[group])
         lines += ["", f"![speed, {_cell(group)}]({figures[group]})", ""]
     step += 1
     _progress(step, total, "roofline")
     lines += ["## Roofline", ""]
-    if _plot_roofline(runs, measures, folder / "roofline.png"):
-        lines += ["Achieved FLOP/s of the matmuls against their arithmetic intensity, under each machine's ceilings "
-                  "(hardware table for known GPUs; measured matmul peak and copy bandwidth otherwise).", "",
-                  "![roofline](roofline.png)", ""]
+    points = _plot_roofline(runs, measures, folder / "roofline.png", colour)
+    if points:
+        lines += ["The fastest matmul of each dtype on each machine against its arithmetic intensity, each under "
+                  "its own dtype's ceiling: the datasheet's peak and memory bandwidth for a known GPU, the machine's "
+                  "own best matmul of that dtype and copy bandwidth otherwise.", "",
+                  "| machine | dtype | intensity | achieved | ceiling | of ceiling | benchmark |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for tag, dtype, x, y, fraction in points:
+            peaks, _, source = _ceilings(runs[tag], measures[tag])
+            ceiling = f"{format_rate(peaks[dtype], 'TFLOP/s')} ({source})" if dtype in peaks else "none"
+            bench = measures[tag].roofline[dtype][2].split("::")[-1]
+            lines.append(f"| {tag} | {_cell(dtype)} | {x:,.0f} FLOP/byte | {format_rate(y, 'TFLOP/s')} | "
+                         f"{_cell(ceiling)} | {'-' if fraction is None else f'{fraction * 100:.0f}%'} | "
+                         f"{_cell(bench)} |")
+        lines += ["", "![roofline](roofline.png)", ""]
     else:
-        lines += ["No benchmark recorded both `intensity` and `tflops`.", ""]
+        lines += ["No benchmark recorded both `intensity` (or a matmul `shape`) and `tflops`.", ""]
     step += 1
     _progress(step, total, "memory")
     lines += ["## Predicted and measured memory", ""]
-    rows = _plot_memory(runs, measures, folder / "memory.png")
+    rows = _plot_memory(runs, measures, folder / "memory.png", colour)
     if rows:
         lines += ["| machine | benchmark | predicted | measured | error |", "| --- | --- | --- | --- | --- |"]
         for tag, name, predicted, measured in rows:

@@ -27,6 +27,8 @@ from datetime import timezone
 from pathlib import Path
 from typing import Any, TextIO
 
+from torchledger.reporting.units import format_bytes, format_flops
+
 
 class SkippedData(UserWarning):
     """A file, or a benchmark entry of one, left out because it is not valid data; the message names it."""
@@ -322,3 +324,147 @@ def newest_results(history: list[Run]) -> Run:
             merged.update(run.results)
     return Run(path=newest.path, machine=newest.machine, datetime=newest.datetime, commit=newest.commit,
                machine_info=newest.machine_info, results=merged, invalid=newest.invalid)
+
+
+COMPARABLE_NAMES = ("tflops", "gbps", "samples_per_s", "batches_per_s")
+# The size profiles' square matmul edge (``--ledger-size``): how a run that did not record ``work`` names its profile.
+_PROFILE_BY_EDGE = {512: "small", 8192: "full"}
+# extra_info keys that size the work of a benchmark, in the order they are shown; a run that did not record ``work``
+# is described by the ones it has.
+_SIZE_KEYS = ("workload", "model", "shape", "batch", "seq_len", "effective_batch", "micro_batches", "batches",
+              "epochs", "bytes_moved", "bytes", "bytes_min", "params", "world_size", "tokens_per_step", "flops")
+_RECIPE_DTYPE = {"32-true": "fp32", "16-mixed": "fp16", "16-true": "fp16", "bf16-mixed": "bf16", "bf16-true": "bf16"}
+
+
+@dataclass(frozen=True)
+class Comparable:
+    """The figure of a benchmark that can be compared across machines: a rate that does not depend on how long the
+    work took, with its fraction of the machine's own peak (for ``dtype``) where known."""
+
+    name: str  # one of COMPARABLE_NAMES
+    value: float
+    fraction_of_peak: float | None = None
+    dtype: str | None = None
+
+    @property
+    def size_free(self) -> bool:
+        """True for rates of the hardware (TFLOP/s, GB/s) that hold across sizes of work; a rate of samples or
+        batches depends on their size, and compares only between runs of identical work."""
+        return self.name in ("tflops", "gbps")
+
+
+@dataclass(frozen=True)
+class Described:
+    """What a benchmark did (``work``, None when not recorded) and the figure to compare (None when none)."""
+
+    work: dict[str, Any] | None
+    comparable: Comparable | None
+    derived: bool  # True when read from older extra_info keys instead of ``work`` and ``comparable``
+
+
+def _warn(where: str, message: str) -> None:
+    warnings.warn(f"{where}: {message}", SkippedData, stacklevel=3)
+
+
+def _positive(extra: dict[str, Any], key: str) -> float | None:
+    number = finite(extra.get(key))
+    return number if number is not None and number > 0 else None
+
+
+def _dtype_of(extra: dict[str, Any]) -> str | None:
+    dtype = extra.get("dtype")
+    if isinstance(dtype, str) and dtype:
+        return dtype
+    recipe = extra.get("recipe")
+    return _RECIPE_DTYPE.get(recipe) if isinstance(recipe, str) else None
+
+
+def describe(result: Result, where: str = "") -> Described:
+    """The work and the comparable figure of one benchmark result: the one place that reads them.
+
+    ``extra_info["work"]`` (a dict naming the size of the work) and ``extra_info["comparable"]`` (``name`` one of
+    :data:`COMPARABLE_NAMES`, ``value`` a finite number > 0, ``fraction_of_peak`` a finite number >= 0 or null) are
+    used when recorded; a value of the wrong form is named in a :class:`SkippedData` warning (``where`` names the file
+    and benchmark) and taken as not recorded. A run that did not record them is read from the keys it has: the size
+    keys (``shape``, ``workload``, ``flops``, ``batches``, ...) and the profile from a square matmul's edge (512
+    small, 8192 full); ``tflops`` (with ``fraction_of_peak`` or ``mfu``), ``bandwidth_bytes_per_s`` or
+    ``batches_per_s``; the dtype from ``dtype`` or ``recipe``. No size key at all: work not recorded (None).
+    """
+    extra = result.extra_info
+    where = where or result.name
+    derived = False
+    work: dict[str, Any] | None = None
+    raw_work = extra.get("work")
+    if raw_work is not None and not (isinstance(raw_work, dict) and raw_work):
+        _warn(where, f"extra_info work {shown(raw_work)} is not a non-empty object: work taken as not recorded")
+    elif isinstance(raw_work, dict):
+        work = dict(raw_work)
+    if "work" not in extra:
+        derived = True
+        found = {key: extra[key] for key in _SIZE_KEYS if extra.get(key) is not None}
+        shape = found.get("shape")
+        if isinstance(shape, list) and shape:
+            found.pop("flops", None)  # follows from the shape
+            if len(shape) == 3 and len(set(shape)) == 1 and shape[0] in _PROFILE_BY_EDGE:
+                found = {"profile": _PROFILE_BY_EDGE[shape[0]], **found}
+        work = found or None
+    comparable: Comparable | None = None
+    dtype = _dtype_of(extra)
+    raw = extra.get("comparable")
+    if raw is not None:
+        name = raw.get("name") if isinstance(raw, dict) else None
+        value = finite(raw.get("value")) if isinstance(raw, dict) else None
+        fraction = raw.get("fraction_of_peak") if isinstance(raw, dict) else None
+        fraction_ok = fraction is None or ((f := finite(fraction)) is not None and f >= 0)
+        if name in COMPARABLE_NAMES and value is not None and value > 0 and fraction_ok:
+            comparable = Comparable(str(name), value, finite(fraction), dtype)
+        else:
+            _warn(where, f"extra_info comparable {shown(raw)} is not {{name: one of {', '.join(COMPARABLE_NAMES)}, "
+                  "value: a finite number > 0, fraction_of_peak: a finite number >= 0 or null}: not compared")
+    else:
+        derived = True
+        fraction = _positive(extra, "fraction_of_peak")
+        if (tflops := _positive(extra, "tflops")) is not None:
+            comparable = Comparable("tflops", tflops, fraction or _positive(extra, "mfu"), dtype)
+        elif (bandwidth := _positive(extra, "bandwidth_bytes_per_s")) is not None:
+            comparable = Comparable("gbps", bandwidth / 1e9, fraction or _positive(extra, "fraction_of_host_link"))
+        elif (batches := _positive(extra, "batches_per_s")) is not None:
+            comparable = Comparable("batches_per_s", batches, None)
+        elif (samples := _positive(extra, "samples_per_s")) is not None:
+            comparable = Comparable("samples_per_s", samples, None)
+    return Described(work, comparable, derived)
+
+
+def work_text(work: dict[str, Any] | None) -> str:
+    """``small, shape 512x512x512``: a work description on one line; ``work not recorded`` for None."""
+    if not work:
+        return "work not recorded"
+    parts = []
+    for key, value in work.items():
+        if isinstance(value, list) and all(isinstance(v, int) for v in value):
+            value = "x".join(str(v) for v in value)
+        number = finite(value)
+        if number is not None and key == "flops":
+            value = format_flops(number)
+        elif number is not None and key.startswith("bytes"):
+            value = format_bytes(number)
+        parts.append(str(value) if key == "profile" else f"{key} {value}")
+    return ", ".join(parts)
+
+
+def work_difference(works: dict[str, dict[str, Any] | None]) -> str:
+    """What differs between the works of several machines, e.g. ``shape 512x512x512 (a) vs 8192x8192x8192 (b)``;
+    empty when they are all recorded and identical."""
+    recorded = {m: w for m, w in works.items() if w}
+    missing = [m for m, w in works.items() if not w]
+    if missing:
+        return f"work not recorded on {', '.join(missing)}"
+    keys = list(dict.fromkeys(k for w in recorded.values() for k in w))
+    parts = []
+    for key in keys:
+        values = {m: w.get(key) for m, w in recorded.items()}
+        if len({json.dumps(v, sort_keys=True, default=str) for v in values.values()}) > 1:
+            shown_values = [work_text({key: v}).removeprefix(f"{key} ") if v is not None else "-"
+                            for v in values.values()]
+            parts.append(f"{key} " + " vs ".join(shown_values))
+    return "; ".join(parts)

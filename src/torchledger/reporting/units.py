@@ -28,3 +28,17 @@ def format_count(n: int) -> str:
         if abs(n) >= size:
             return f"{n:,} ({n / size:.1f}{prefix})"
     return f"{n:,}"
+
+
+def format_seconds(x: float) -> str:
+    """``27.2 us`` style: three significant digits in s, ms, us or ns (the unit that puts the number at >= 1)."""
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x / 1e-9:.3g} ns"
+
+
+def format_rate(value: float, unit: str) -> str:
+    """``752 TFLOP/s``, ``4,142 GB/s``: three significant digits, whole numbers with thousands separators from 1000."""
+    text = f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+    return f"{text} {unit}"
