@@ -134,7 +134,7 @@ def test_too_short_a_history_is_not_judged(tmp_path: Path) -> None:
 
 
 def test_runs_of_one_commit_make_one_complete_run(tmp_path: Path) -> None:
-    # one machine's suite run in two invocations (one per group), as a time-limited GPU session runs it: the report
+    # one machine's suite run in two invocations (one per group), as a time-limited GPU job runs it: the report
     # shows both groups; a newer commit's run stands alone
     from torchledger.reporting.results import newest_results
 

@@ -312,7 +312,7 @@ def skipped_data_as_lines(prefix: str, stream: TextIO | None = None) -> Iterator
 def newest_results(history: list[Run]) -> Run:
     """The newest run of a machine (``history`` oldest first) with the results of the earlier runs of the same
     commit merged in, the newer result winning: one invocation of the suite per benchmark group (as a time-limited
-    GPU session runs it) still makes one complete run of that commit."""
+    GPU job runs it) still makes one complete run of that commit."""
     if not history:
         raise ValueError("history is empty: no runs")
     newest = history[-1]
