@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 from torchledger.formulas.distributed import SHARDINGS
 from torchledger.formulas.estimate import Estimate, estimate
+from torchledger.formulas.hardware import device_names, get_device
 from torchledger.formulas.memory import RECIPES
 from torchledger.formulas.specs import (
     PRESETS,
@@ -160,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="optimizer implementation (default foreach; fused keeps no temporaries)")
     est.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                      help="the device whose allocation behaviour the peak includes (default cuda)")
+    est.add_argument("--gpu", type=_gpu_name, default=None, metavar="NAME",
+                     help="also say whether the step fits this GPU of the hardware table, less the CUDA context and "
+                     f"cuBLAS workspaces, and the largest micro-batch that does: {', '.join(device_names())}")
     est.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
     cnt = sub.add_parser(
@@ -238,6 +242,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _gpu_name(text: str) -> str:
+    try:
+        return get_device(text).name
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not in the hardware table; choices: {', '.join(device_names())}") from None
+
+
+def _fit_rows(e: Estimate) -> list[tuple[str, str]]:
+    fit = e.fit
+    if fit is None:
+        return []
+    if fit.fits:
+        verdict = f"yes: {format_bytes(fit.headroom)} to spare of the {format_bytes(fit.usable)} usable"
+    else:
+        verdict = f"no: {format_bytes(-fit.headroom)} short of the {format_bytes(fit.usable)} usable"
+    largest = f"{fit.max_batch:,}" if fit.max_batch else "none: batch 1 does not fit"
+    return [
+        ("", ""),
+        ("GPU", f"{fit.gpu}, {format_bytes(fit.capacity)} ({fit.capacity_source})"),
+        ("reserved", f"{format_bytes(fit.context)} CUDA context, {format_bytes(fit.workspaces)} cuBLAS workspaces"),
+        ("fits", verdict),
+        ("largest micro-batch", f"{largest} (at {fit.seq_len:,} tokens)"),
+    ]
+
+
 def _estimate_table(e: Estimate) -> str:
     d = e.to_dict()
     f, m = d["flops"], d["memory"]
@@ -265,6 +295,7 @@ def _estimate_table(e: Estimate) -> str:
     if e.world_size > 1:
         rows[10:10] = [("ranks", f"{e.world_size}, {e.sharding} (memory per rank)")]
         rows += [(f"sent per rank per step: {k}", format_bytes(v)) for k, v in d["communication"].items()]
+    rows += _fit_rows(e)
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" if k else "" for k, v in rows)
 
@@ -278,6 +309,9 @@ def _run_estimate(args: argparse.Namespace) -> int:
             f"torchledger estimate: error: --world-size {args.world_size} exceeds the {params:,} parameters that "
             f"--sharding {args.sharding} splits: some ranks would hold nothing (ddp replicates: any world size)"
         )
+    if args.gpu is not None and args.device != "cuda":
+        raise UsageError(f"torchledger estimate: error: --device {args.device} with --gpu {args.gpu!r}: sizing for "
+                         "a GPU takes the prediction with the cuda terms")
     result = estimate(
         spec,
         args.batch_size,
@@ -290,6 +324,7 @@ def _run_estimate(args: argparse.Namespace) -> int:
         sharding=args.sharding,
         optimizer_impl=args.optimizer_impl,
         device=args.device,
+        gpu=args.gpu,
     )
     print(json.dumps(result.to_dict()) if args.json else _estimate_table(result))
     return 0
