@@ -66,7 +66,17 @@ el "pack"
 
 mkdir -p results
 archive="results/gpu-evidence-$tag-$stamp.tar.gz"
-tar -czf "$archive.partial" -C "$work" "$(basename "$ev")" && mv "$archive.partial" "$archive"
+if ! { tar -czf "$archive.partial" -C "$work" "$(basename "$ev")" && mv "$archive.partial" "$archive"; }; then
+  rm -f "$archive.partial"
+  echo "gpu-evidence: packing failed; everything is kept in $ev" >&2
+  exit 1
+fi
 rm -rf "$work"
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then cp "$archive" "$OUT/"; fi
 echo "gpu-evidence: $(( $(date +%s) - t0 )) s; archive: $PWD/$archive"
+# every part's exit status is in timeline.log inside the archive; a part that failed or ran out of time fails this
+failed=$(tar -xzOf "$archive" "$(basename "$ev")/timeline.log" | grep -c '^rc=[^0]')
+if [ "$failed" -gt 0 ]; then
+  echo "gpu-evidence: $failed part(s) failed or ran out of time (see timeline.log in the archive)" >&2
+  exit 1
+fi

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from torchledger import pytest_plugin
-from torchledger.measuring.machine import device_name
 from torchledger.measuring.memory import MemoryMeasurement
 from torchledger.measuring.training import MemoryCase
 from torchledger.pytest_plugin import COMPARABLE_NAMES, CpuPeaks, comparable_figure, record_work, work_problems
@@ -44,12 +43,6 @@ def sizes(ledger_size: str) -> dict[str, Any]:
     return {**SIZES[ledger_size], "profile": ledger_size}
 
 
-@pytest.fixture(scope="session")
-def cpu_matmul_peaks(sizes: dict[str, Any]) -> CpuPeaks:
-    """This CPU's matmul peaks, measured lazily (see :class:`CpuPeaks`)."""
-    return CpuPeaks(sizes["matmul"])
-
-
 _PASSED = pytest.StashKey[bool]()
 
 
@@ -73,12 +66,7 @@ def _work_is_recorded(request: pytest.FixtureRequest) -> Generator[None, None, N
         pytest.fail(f"{request.node.nodeid}: " + "; ".join(problems), pytrace=False)
 
 
-class Ledger(pytest_plugin.Ledger):
-    """The plugin's :class:`~torchledger.pytest_plugin.Ledger`, naming the device through this module's
-    ``device_name``."""
-
-    def describe_device(self, device: str) -> str:
-        return device_name(device)
+Ledger = pytest_plugin.Ledger  # the ``ledger`` fixture's class, named here for the benchmarks' annotations
 
 
 def memory_base(device: str) -> int:
@@ -111,8 +99,8 @@ def peak_memory(device: str, fn: Callable[[], object], model: torch.nn.Module | 
 def memory_info(case: MemoryCase, measured: MemoryMeasurement) -> dict[str, Any]:
     """The ``extra_info`` of a memory measurement: the full configuration (``memory_case``, which
     ``MemoryCase.from_record`` rebuilds), measured and predicted peaks and their categories, so that a CPU can
-    replay a GPU run's figures against a later prediction."""
-    predicted = case.predict()
+    replay a GPU run's figures against a later prediction. The prediction includes the measured device's terms."""
+    predicted = case.predict("cuda" if measured.device.startswith("cuda") else "cpu")
     return {"memory_case": case.to_record(), "peak_memory": measured.peak, "predicted_memory": predicted.peak,
             "measured_by_category": measured.by_category, "predicted_by_category": predicted.breakdown(),
             "predicted_phase": predicted.phase}

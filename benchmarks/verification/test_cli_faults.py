@@ -225,7 +225,6 @@ def test_integer_beyond_int64(command: list[str], flag: str, capsys: pytest.Capt
         assert main([*command, "--model", "gpt-tiny", flag, value]) == 2
         line = one_line(capsys)
         assert f"argument {flag}: '{value[:24]}" in line and "exceeds 2**63 - 1" in line
-    assert 2**63 - 1 == 9_223_372_036_854_775_807
 
 
 @pytest.mark.parametrize("command", [["estimate"], ["count"], ["measure", "--simulate"]], ids=lambda c: c[0])

@@ -35,7 +35,7 @@ def _h200(workload: str, **config: Any) -> tuple[MemoryCase, dict[str, Any]]:
 
 def test_allocation_rounding() -> None:
     # kMinBlockSize = 512 in c10/cuda/CUDACachingAllocator.cpp
-    assert [allocator_block_bytes(n) for n in (1, 511, 512, 513)] == [512, 512, 512, 1024]
+    assert [allocator_block_bytes(n) for n in (0, 1, 4, 511, 512, 513, 1025)] == [0, 512, 512, 512, 512, 1024, 1536]
     assert device_terms("cuda").round(4) == 512 and device_terms("cpu").round(4) == 4
     with pytest.raises(ValueError, match="nbytes=-1"):
         allocator_block_bytes(-1)
@@ -94,3 +94,14 @@ def test_both_terms_explain_llama_mixed() -> None:
 def test_unknown_device_is_refused() -> None:
     with pytest.raises(ValueError, match="device='tpu'"):
         device_terms("tpu")
+
+
+def test_simulated_and_meta_take_the_cpu_terms() -> None:
+    # FakeTensorMode runs the CPU's kernels: a simulated step is predicted as a CPU one (a 16-bit LayerNorm keeps its
+    # statistics in 16 bits there); only CUDA keeps them in fp32
+    from torchledger.measuring.training import MemoryCase
+    from torchledger.workloads.train_step import TrainConfig
+
+    case = MemoryCase("gpt-tiny", 4, TrainConfig("bf16-true"), seq_len=128)
+    assert case.predict("simulated").peak == case.predict("meta").peak == case.predict("cpu").peak
+    assert device_terms("cuda").fp32_layer_norm_stats and not device_terms("simulated").fp32_layer_norm_stats

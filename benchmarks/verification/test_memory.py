@@ -196,3 +196,15 @@ def test_master_recipes_copy_gradients_to_fp32_for_the_step() -> None:
 def test_bad_arguments(call: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()  # type: ignore[operator]
+
+
+def test_master_recipe_keeps_fp32_master_weights_and_gradients() -> None:
+    # gpt-tiny (557,568 parameters in 28 tensors), bf16-mixed-master, fused AdamW (no temporaries of its own): at the
+    # optimizer step, per parameter: bf16 weight 2 + fp32 master 4 + two fp32 moments 8 + bf16 gradient 2 + its fp32
+    # copy for the master update 4 = 20 bytes, plus Adam's 4-byte step counter per tensor (ZeRO's 16 B per parameter
+    # of model states, and the gradient's fp32 copy)
+    n = 557_568
+    peak = P.train_peak_bytes(get_preset("gpt-tiny"), 1, 8, recipe="bf16-mixed-master", optimizer="adamw",
+                              optimizer_impl="fused")
+    assert peak.phases["optimizer"] == 20 * n + 4 * 28
+    assert peak.breakdown()["optimizer"] == (4 + 8) * n + 4 * 28

@@ -274,7 +274,9 @@ class FakeBenchmark:
 
 
 def test_a_cuda_ledger_never_measures_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(perf, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    from torchledger.measuring import machine
+
+    monkeypatch.setattr(machine, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
     peaks = perf.CpuPeaks(64)
     ledger = perf.Ledger(FakeBenchmark(), "cuda", peaks, profile="full")
     spec = lookup_device("NVIDIA H100 80GB HBM3")

@@ -22,7 +22,8 @@ from torchledger.counting.dispatch import count_with_dispatch
 from torchledger.counting.hooks import HookCounter
 from torchledger.counting.profiler import count_with_profiler
 from torchledger.counting.result import FlopCount
-from torchledger.measuring.memory import MemoryMeasurement, cuda_allocated, cuda_warmup, measure_cpu, measure_cuda
+from torchledger.measuring.memory import MemoryMeasurement
+from torchledger.measuring.training import Built, check_simulable, measure_built
 from torchledger.workloads.train_step import TrainConfig, TrainStep, param_dtype
 
 __all__ = ["FlopReport", "count_flops", "measure_step"]
@@ -186,28 +187,21 @@ def measure_step(
     if simulate:
         if device != "cpu":
             raise ValueError(f"device={device!r} with simulate=True: the simulation runs on the CPU's fake tensors")
-        if precision == "16-mixed":
-            raise ValueError("precision='16-mixed' cannot be simulated: GradScaler reads a value (found_inf.item())")
+        check_simulable(precision)
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            model = _fake_copy(module, dtype)
-            fakes = _moved([tuple(mode.from_tensor(t) for t in b) for b in micro_batches], "cpu", dtype)
-            step = TrainStep(model, config, loss)
-            step.step(fakes)
-            return measure_cpu(lambda: step.step(fakes), model, step.optimizer, device="simulated")
-    if device.startswith("cuda"):
-        workspaces = cuda_warmup(device)
-        base = cuda_allocated(device)
+
+            def build_fake() -> Built:
+                model = _fake_copy(module, dtype)
+                fakes = _moved([tuple(mode.from_tensor(t) for t in b) for b in micro_batches], "cpu", dtype)
+                return model, TrainStep(model, config, loss), fakes
+
+            return measure_built(build_fake, "simulated")
+
+    def build() -> Built:
+        # a copy of the module, in the recipe's dtype; the batches moved here are the caller's (left out of the peak)
         model = copy.deepcopy(module).to(device=device, dtype=dtype)
-        on_device = _moved(micro_batches, device, dtype)  # made after the baseline: left out of the peak
-        step = TrainStep(model, config, loss)
-        step.step(on_device)
-        return measure_cuda(lambda: step.step(on_device), base=base, device=device, model=model,
-                            optimizer=step.optimizer, inputs=[t for b in on_device for t in b],
-                            library_workspaces=workspaces)
-    model = copy.deepcopy(module).to(dtype=dtype)
-    on_cpu = _moved(micro_batches, "cpu", dtype)  # made before the tracking starts: left out of the peak
-    step = TrainStep(model, config, loss)
-    step.step(on_cpu)
-    return measure_cpu(lambda: step.step(on_cpu), model, step.optimizer, device="cpu")
+        return model, TrainStep(model, config, loss), _moved(micro_batches, device, dtype)
+
+    return measure_built(build, device)

@@ -469,10 +469,14 @@ def _run_measure(args: argparse.Namespace) -> int:
     try:
         measured = measure_it()
     except (RuntimeError, TypeError) as exc:  # out of memory, or e.g. a recipe this build cannot run on this device
-        if isinstance(exc, torch.OutOfMemoryError) or any(m in str(exc) for m in _CPU_OUT_OF_MEMORY):
-            return _out_of_memory(device, predicted.peak, _free_bytes(device))
+        out_of_memory = isinstance(exc, torch.OutOfMemoryError) or any(m in str(exc) for m in _CPU_OUT_OF_MEMORY)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"torchledger measure: error: {args.precision} on {device}: {first}") from None
+    else:
+        out_of_memory, first = False, ""
+    if out_of_memory:  # outside the handler: the failed step's frames, and what they hold, are released by now
+        return _out_of_memory(device, predicted.peak, _free_bytes(device))
+    if first:
+        raise UsageError(f"torchledger measure: error: {args.precision} on {device}: {first}")
     error_pct = 100 * relative_error(predicted.peak, measured.peak)
     pred_cats = dict(predicted.breakdown())
     if ALLOCATOR_OVERHEAD in measured.by_category:

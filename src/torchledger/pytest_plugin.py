@@ -30,21 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from torchledger.formulas.hardware import lookup_device
-from torchledger.measuring.gpu_state import GpuStateSampler, cuda_uuid
-from torchledger.measuring.machine import device_name
-from torchledger.measuring.timing import (
-    MAX_ITERATIONS,
-    SUSTAINED_ROUND_S,
-    L2Flush,
-    cuda_event_times,
-    cuda_graph,
-    iterations_for,
-    median,
-    wall_times,
-)
+from torchledger.formulas.vocabulary import TIMING_MODES
+
+# torch and the meters are imported where they are used: this module is a pytest11 entry point, loaded by every
+# pytest session of an environment that has torchledger installed, whether it times anything or not.
 
 _DEFAULT_STORAGE = "file://./.benchmarks"
 NO_GROUP = "(not a benchmark)"
@@ -94,6 +84,7 @@ def _item_group(item: pytest.Item) -> str | None:
 
 
 def _cuda_available() -> bool:
+    import torch
     return bool(torch.cuda.is_available())
 
 
@@ -140,7 +131,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--ledger-timing",
-        choices=("burst", "sustained"),
+        choices=TIMING_MODES,
         default=None,
         help="burst: one call per timed round; sustained: back-to-back calls filling at least 100 ms per round, "
         "the GPU kept busy as under do_bench or training; default: sustained on CUDA, burst on CPU",
@@ -303,9 +294,9 @@ def memory_record(request: pytest.FixtureRequest) -> Callable[..., None]:
         import os
         import re
 
-        from torchledger.measuring.training import device_record
+        from torchledger.measuring.training import device_record, relative_error
 
-        error = abs(predicted.peak - measured.peak) / measured.peak if measured.peak else 0.0
+        error = relative_error(predicted.peak, measured.peak) if measured.peak else 0.0
         entry: dict[str, Any] = {
             "source": request.node.nodeid, "device": device_record(measured.device), "case": case.to_record(kind),
             "baseline": "after both cuBLAS workspaces, before the model is built",
@@ -346,6 +337,9 @@ class CpuPeaks:
         return self._peaks is not None
 
     def _measure(self) -> dict[str, float]:
+        import torch
+
+        from torchledger.measuring.timing import median, wall_times
         n = self.n
         peaks = {}
 
@@ -414,7 +408,8 @@ class Ledger:
 
     def __init__(self, benchmark: Any, device: str, cpu_peaks: CpuPeaks, flush_l2: bool = False, *,
                  timing: str = "burst", cuda_graphs: bool = False, profile: str = "small") -> None:
-        if timing not in ("burst", "sustained"):
+        from torchledger.measuring.timing import L2Flush
+        if timing not in TIMING_MODES:
             raise ValueError(f"timing must be 'burst' or 'sustained', got {timing!r}")
         self.benchmark, self.device, self.cpu_peaks = benchmark, device, cpu_peaks
         self.timing, self.cuda_graphs, self.profile = timing, cuda_graphs, profile
@@ -423,6 +418,7 @@ class Ledger:
 
     def describe_device(self, device: str) -> str:
         """The device's name as the hardware table knows it: the GPU's name on CUDA."""
+        from torchledger.measuring.machine import device_name
         return device_name(device)
 
     @property
@@ -430,10 +426,12 @@ class Ledger:
         return self.device.startswith("cuda")
 
     def sync(self) -> None:
+        import torch
         if self.cuda:
             torch.cuda.synchronize()
 
     def table_entry(self) -> Any:
+        from torchledger.formulas.hardware import lookup_device
         if not self.cuda:
             return None
         with warnings.catch_warnings():
@@ -450,6 +448,7 @@ class Ledger:
     def iterations(self, fn: Callable[[], object], events: bool) -> int:
         """Calls per timed round: 1 in burst timing, with the L2 flush (a setup between rounds), for host-bound work
         and when benchmarking is disabled; else enough to fill :data:`SUSTAINED_ROUND_S`."""
+        from torchledger.measuring.timing import MAX_ITERATIONS, SUSTAINED_ROUND_S, iterations_for, median, wall_times
         if self.timing == "burst" or self.flush is not None or not events or self.benchmark.disabled:
             return 1
         estimate = median(wall_times(fn, rounds=3, warmup=1, device=self.device))
@@ -466,6 +465,10 @@ class Ledger:
         figure, the first of them given. On CUDA the median of CUDA-event timings is recorded too, unless
         ``events=False`` (host-bound work such as a DataLoader epoch, where the stream is idle most of the time),
         with the GPU's clocks, power and temperature during the timed rounds (``gpu_state``)."""
+        import torch
+
+        from torchledger.measuring.gpu_state import GpuStateSampler, cuda_uuid
+        from torchledger.measuring.timing import cuda_event_times, median
         iterations = self.iterations(fn, events)
         sampler = GpuStateSampler(torch.device(self.device).index or 0, uuid=cuda_uuid(self.device)) \
             if self.cuda and not self.benchmark.disabled else None
@@ -515,6 +518,9 @@ class Ledger:
     def _graph_figures(self, fn: Callable[[], object], rounds: int, iterations: int,
                        eager_s: float) -> dict[str, Any]:
         """Time per call of ``fn`` replayed from a CUDA graph, by CUDA events, beside the eager events' figure."""
+        import torch
+
+        from torchledger.measuring.timing import cuda_event_times, cuda_graph, median
         try:
             replay = cuda_graph(fn)
             graph_s = median(cuda_event_times(replay, rounds=max(rounds, 5), warmup=1, iterations=iterations))

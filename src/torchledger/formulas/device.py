@@ -5,6 +5,8 @@ figure of a real GPU run it explains (``benchmarks/verification/test_device_term
 ``results/cuda-nvidia-h200/memory-cases.jsonl``). The terms are chosen by device the way
 ``recompute_attention_scores`` is chosen from SDPA's own backend choice: :func:`device_terms` says which apply.
 
+- **LayerNorm statistics.** CUDA's ``native_layer_norm`` keeps its mean and rstd in fp32 whatever the input's
+  dtype; the CPU kernel keeps them in a 16-bit input's own dtype.
 - **Allocation rounding.** The caching allocator rounds every request up to a multiple of 512 B (``kMinBlockSize``
   in ``c10/cuda/CUDACachingAllocator.cpp``), and ``memory_allocated`` counts the rounded size.
 - **cuBLAS workspaces.** cuBLAS keeps one workspace per handle and stream, allocated through the caching allocator
@@ -57,11 +59,11 @@ class DeviceTerms:
     fused_rms_norm: bool
     log_softmax_half_to_float: bool
     allocation_rounding: int
+    fp32_layer_norm_stats: bool
 
     def round(self, nbytes: int) -> int:
         """``nbytes`` as the device's allocator counts it."""
-        step = self.allocation_rounding
-        return -(-nbytes // step) * step
+        return allocator_block_bytes(nbytes) if self.allocation_rounding > 1 else nbytes
 
 
 def device_terms(device: str) -> DeviceTerms:
@@ -69,4 +71,4 @@ def device_terms(device: str) -> DeviceTerms:
     kind = one_of("device", device.split(":")[0], ("cpu", "cuda", "simulated", "meta"))
     cuda = kind == "cuda"
     return DeviceTerms(device=kind, fused_rms_norm=cuda, log_softmax_half_to_float=cuda,
-                       allocation_rounding=ALLOCATOR_BLOCK if cuda else 1)
+                       allocation_rounding=ALLOCATOR_BLOCK if cuda else 1, fp32_layer_norm_stats=cuda)

@@ -376,9 +376,9 @@ def model_flops(
     if recompute_attention_scores:
         backward += spec.n_layers * layer["attn.scores"]
     recompute = 0
-    if checkpointing in ("full", "every-other"):
+    blocks = len(checkpointed_blocks(checkpointing, spec.n_layers))
+    if blocks:
         last = layer["mlp.proj"] if spec.family == "gpt2" else layer["mlp.down"]
-        blocks = len(checkpointed_blocks(checkpointing, spec.n_layers))
         recompute = blocks * (layer_fwd - (last if checkpoint_early_stop else 0))
     elif checkpointing == "selective":
         recompute = spec.n_layers * (layer["attn.scores"] + layer["attn.av"])

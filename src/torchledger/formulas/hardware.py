@@ -130,13 +130,16 @@ DEVICES: tuple[DeviceSpec, ...] = (
 )
 
 
-def lookup_device(name: str) -> DeviceSpec | None:
-    """The table entry for a ``torch.cuda.get_device_name()`` string; None and a warning if none matches."""
+def lookup_device(name: str, *, warn: bool = True) -> DeviceSpec | None:
+    """The table entry for a ``torch.cuda.get_device_name()`` string; None if none matches, with a warning unless
+    ``warn=False`` (a report over machines of any kind expects unknown ones)."""
     key = str(name).strip().lower()
     for dev in DEVICES:
         if any(re.search(p, key) for p in dev.patterns):
             return dev
-    warnings.warn(f"device {name!r} is not in torchledger's hardware table: no peak figures for it", stacklevel=2)
+    if warn:
+        warnings.warn(f"device {name!r} is not in torchledger's hardware table: no peak figures for it",
+                      stacklevel=2)
     return None
 
 

@@ -20,7 +20,7 @@ from .memory import (
     kv_cache_bytes,
     model_state_bytes,
 )
-from .specs import CNNSpec, MLPSpec, ModelSpec, param_counts
+from .specs import CNNSpec, MLPSpec, ModelSpec, check_seq_len, param_counts
 from .timeline import StepConfig, StepTimeline, cnn_timeline, mlp_timeline, transformer_timeline
 from .vocabulary import OPTIMIZER_IMPLS, STEP_CHECKPOINTING
 
@@ -82,13 +82,13 @@ def train_peak_bytes(
 
     Where it falls: at the start of the backward (saved tensors, the logits and the gradients of the
     log-probabilities), at a block's weight gradients, at the end of the backward (a tied embedding's two gradients
-    summed beside its ``.grad`` under accumulation), inside a recomputed block (full checkpointing), or in the
-    optimizer (AdamW ``foreach``: ``torch._foreach_sqrt`` of every exp_avg_sq at once).
+    summed beside its ``.grad`` under accumulation), inside a recomputed block (full or every-other checkpointing),
+    or in the optimizer (AdamW ``foreach``: ``torch._foreach_sqrt`` of every exp_avg_sq at once).
     NB: steady state; the very first step has no optimizer state until the step itself.
     """
     positive_int("grad_accum", grad_accum)
     positive_int("batch", batch)
-    positive_int("seq_len", seq_len)
+    check_seq_len(spec, seq_len)
     n = param_counts(spec).total
     states = model_state_bytes(n, recipe, optimizer)
     acts = activation_bytes(spec, batch, seq_len, recipe, checkpointing)

@@ -155,6 +155,13 @@ class Graph:
             if t is not None:
                 self.tl.unref(t)
 
+    def convert(self, t: int, size: int, label: str) -> int:
+        """``_to_copy`` of ``t`` into another dtype: the copy of ``size`` bytes is made while ``t`` still lives,
+        then ``t``'s reference is dropped; returns the copy."""
+        copy = self.new(size, label)
+        self.drop(t)
+        return copy
+
     def node(self, label: str, out: int | None, saved: Sequence[int] = (),
              grads: Sequence[tuple[int | Param, int, str, int]] = (),
              backward: Callable[[Node], None] | None = None) -> Node:
@@ -211,9 +218,7 @@ class Graph:
         self.release(n, gout)
         for target, grad, cast, what in made:
             if cast:  # the backward of autocast's cast (_to_copy): the gradient in the source's dtype
-                converted = self.new(cast, f"{n.label} {what} cast")
-                self.drop(grad)
-                grad = converted
+                grad = self.convert(grad, cast, f"{n.label} {what} cast")
             self.route(target, grad)
 
     def release(self, n: Node, *grads: int | None) -> None:
@@ -253,8 +258,13 @@ class _Step:
             self.tl.alloc(q.numel * self.p, q.name, "params")
         if buffers:
             self.tl.alloc(buffers, "buffers", "params")
+        # *-mixed-master recipes (ZeRO, DeepSpeed, Megatron): an fp32 master copy of every 16-bit parameter, filed
+        # with the optimizer state as the tracker files it
+        self.master = dtype_bytes(self.r.master_dtype) if self.r.master_dtype else 0
         states = OPTIMIZER_STATES[config.optimizer]
         for q in params:
+            if self.master:
+                self.tl.alloc(q.numel * self.master, f"{q.name} master", "optimizer")
             for _ in range(states):
                 self.tl.alloc(q.numel * self.s, f"{q.name} state", "optimizer")
             if config.optimizer in ("adam", "adamw"):
@@ -328,9 +338,7 @@ class _Step:
             G.drop(d_nll)
             G.release(n)
             if cast:
-                converted = G.new(cast, "logits grad cast")
-                G.drop(d_logits)
-                d_logits = converted
+                d_logits = G.convert(d_logits, cast, "logits grad cast")
             G.route(logits, d_logits)
 
         G.node("loss", None, [logp], backward=backward)
@@ -378,6 +386,15 @@ class _Step:
         previous parameter's denominator still referenced; ``fused`` makes none."""
         tl, c = self.tl, self.config
         name = f"{c.optimizer} {c.optimizer_impl}"
+        # a master recipe first copies the 16-bit gradients into fp32 for the update of the fp32 master weights
+        master_grads = [tl.alloc(q.numel * self.master, f"{q.name} fp32 gradient") for q in self.params] \
+            if self.master else []
+        self._optimizer_temporaries(name)
+        for t in master_grads:
+            tl.unref(t)
+
+    def _optimizer_temporaries(self, name: str) -> None:
+        tl, c = self.tl, self.config
         if OPTIMIZER_STATES[c.optimizer] != 2 or c.optimizer_impl == "fused":
             tl.alloc(0, name)
             return
@@ -469,7 +486,7 @@ class _TransformerStep(_Step):
         # the residual stream: fp32 under autocast (fp32 embeddings plus 16-bit branches promote)
         self.res = self.p
         # LayerNorm's mean and rstd: fp32, but kept in the input's 16-bit dtype on the CPU
-        self.stats = 4 if (self.r.autocast or device != "cpu") else self.p
+        self.stats = 4 if (self.r.autocast or self.tl.terms.fp32_layer_norm_stats) else self.p
 
     # -- pieces of a block
     def layer_norm(self, label: str, x: int, w: Param, b: Param | None) -> int:
@@ -560,16 +577,12 @@ class _TransformerStep(_Step):
         G.drop(a, m)
         cast = 0
         if self.r.autocast:  # scaled_dot_product_attention casts to 16 bits
-            c16 = G.new(rows * width * self.c, f"{label} cast")
-            G.drop(out)
-            out, cast = c16, rows * width * self.c
+            out, cast = G.convert(out, rows * width * self.c, f"{label} cast"), rows * width * self.c
 
         def backward(n: Node) -> None:
             gout = G.buffer.pop(out)
             if cast:
-                g32 = G.new(rows * width * 4, f"{label} grad cast")
-                G.drop(gout)
-                gout = g32
+                gout = G.convert(gout, rows * width * 4, f"{label} grad cast")
             d1 = G.new(rows * width * b, f"{label} grad x cos")
             d2 = G.new(rows * width * b, f"{label} grad x sin")
             d3 = G.new(rows * width * b, f"{label} grad rotate_half")
@@ -578,9 +591,7 @@ class _TransformerStep(_Step):
             G.drop(d1, d3)
             G.release(n, gout)
             if b != self.c:
-                c16 = G.new(rows * width * self.c, f"{label} grad cast")
-                G.drop(dsum)
-                dsum = c16
+                dsum = G.convert(dsum, rows * width * self.c, f"{label} grad cast")
             G.route(x, dsum)
 
         G.node(label, out, backward=backward)
@@ -600,9 +611,7 @@ class _TransformerStep(_Step):
             G.tl.ref(gout)
             G.route(a, gout)
             if branch_bytes != res_bytes:  # the 16-bit branch: its gradient cast down
-                c16 = G.new(branch_bytes, f"{label} grad cast")
-                G.drop(gout)
-                gout = c16
+                gout = G.convert(gout, branch_bytes, f"{label} grad cast")
             G.route(branch, gout)
 
         G.node(label, out, backward=backward)
@@ -809,9 +818,7 @@ class _CNNStep(_Step):
         widths = (s.in_channels, *s.channels)
         x = G.new(0, "input")
         if self.r.autocast:
-            cast = G.new(B * s.in_channels * px * self.c, "input cast")
-            G.drop(x)
-            x = cast
+            x = G.convert(x, B * s.in_channels * px * self.c, "input cast")
         for i, (a, b) in enumerate(pairwise(widths)):
             w, bias = self.params[2 * i], self.params[2 * i + 1]
             if self.r.autocast:

@@ -20,6 +20,7 @@ OPTIMIZER_IMPLS: tuple[str, ...] = ("foreach", "for-loop", "fused")
 CHECKPOINTING: tuple[str, ...] = ("none", "full", "every-other", "selective")
 STEP_CHECKPOINTING: tuple[str, ...] = ("none", "full", "every-other")  # what the reference step runs and predicts
 REFERENCE_WORKLOADS: tuple[str, ...] = ("mlp", "cnn")
+TIMING_MODES: tuple[str, ...] = ("burst", "sustained")  # one call per timed round, or rounds of at least 100 ms
 
 
 def checkpointed_blocks(mode: str, n_layers: int) -> list[int]:

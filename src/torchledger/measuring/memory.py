@@ -75,6 +75,10 @@ def _plain_tensors(t: Tensor) -> list[Tensor]:
     return [t]
 
 
+def _op_name(op: Any) -> str:
+    return str(getattr(op, "__name__", op))
+
+
 class StorageTracker(TorchDispatchMode):
     """Follows tensor storages created under it; ``peak`` is the largest total of live tracked bytes.
 
@@ -86,7 +90,7 @@ class StorageTracker(TorchDispatchMode):
         super().__init__()
         self.record_history = record_history
         self.history: list[MemoryEvent] = []
-        self._op = "(alive before the step)"
+        self._op: Any = "(alive before the step)"  # the last op dispatched (named only where it is read)
         self.peak_op = ""
         self._live: dict[int, int] = {}  # storage key -> bytes
         self._refs: dict[int, Any] = {}
@@ -125,7 +129,7 @@ class StorageTracker(TorchDispatchMode):
     def _record(self, action: str, key: int, size: int) -> None:
         if self.record_history and size:
             # no torch call here: frees arrive in weakref callbacks, during a storage's destruction
-            self.history.append(MemoryEvent(action, key, size, self._op))
+            self.history.append(MemoryEvent(action, key, size, _op_name(self._op)))
 
     def _maybe_peak(self) -> None:
         if self.current <= self.peak:
@@ -147,7 +151,7 @@ class StorageTracker(TorchDispatchMode):
         if self.current > self.peak:
             self.peak = self.current
             self.peak_breakdown = self._categorize()
-            self.peak_op = self._op
+            self.peak_op = _op_name(self._op)
 
     def _on_collect(self, key: int) -> Callable[[Any], None]:
         return lambda _ref: self._free(key)
@@ -217,12 +221,12 @@ class StorageTracker(TorchDispatchMode):
             self._add(t)
         self.peak = self.current
         self.peak_breakdown = self._categorize()
-        self.peak_op = self._op
+        self.peak_op = _op_name(self._op)
         return self
 
     # -- the mode
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        self._op = str(getattr(func, "__name__", func))
+        self._op = func
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, Tensor):

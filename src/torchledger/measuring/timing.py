@@ -24,7 +24,7 @@ import torch
 
 L2_FLUSH_BYTES = 256 * 2**20  # as triton.testing.do_bench: larger than any current GPU's L2
 
-TIMING_MODES = ("burst", "sustained")
+
 # The least time one sustained round lasts: do_bench's measuring window (its default ``rep`` is 100 ms), so that
 # both timers keep the GPU under the same load and their figures can be compared.
 SUSTAINED_ROUND_S = 0.1

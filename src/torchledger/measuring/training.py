@@ -158,20 +158,38 @@ class MemoryCase:
         return model, loss_fn, batches
 
 
-def measure(case: MemoryCase, device: str, *, snapshot: str | Path | None = None) -> MemoryMeasurement:
-    """Measure the steady-state step of ``case`` on ``device`` (``cpu``, ``cuda``); with ``snapshot``, also write
-    the step's memory history there (:mod:`torchledger.measuring.snapshot`)."""
+Built = tuple[nn.Module, TrainStep, list[tuple[Tensor, ...]]]
+
+
+def measure_built(build: Callable[[], Built], device: str, *, snapshot: str | Path | None = None
+                  ) -> MemoryMeasurement:
+    """The steady-state step of what ``build()`` makes (the model, its step, the step's micro-batches): one warm-up
+    step creates the optimizer state, the next is measured. On CUDA the baseline is taken after the cuBLAS
+    workspaces and before ``build()``, so the model states count and the batches are left out; elsewhere
+    (``cpu``, or ``simulated`` under a FakeTensorMode the caller entered) the storage tracker measures."""
     if device.startswith("cuda"):
         workspaces = cuda_warmup(device)
         base = cuda_allocated(device)
-        model, step, batches = case.build(device)
+        model, step, batches = build()
         step.step(batches)  # optimizer state
         return measure_cuda(lambda: step.step(batches), base=base, device=device, model=model,
                             optimizer=step.optimizer, inputs=[t for b in batches for t in b],
                             library_workspaces=workspaces, snapshot=snapshot)
-    model, step, batches = case.build(device)
+    model, step, batches = build()
     step.step(batches)
     return measure_cpu(lambda: step.step(batches), model, step.optimizer, device=device, snapshot=snapshot)
+
+
+def check_simulable(precision: str) -> None:
+    """ValueError for a recipe the simulation cannot run: GradScaler (``16-mixed``) reads its found-inf flag."""
+    if precision == "16-mixed":
+        raise ValueError("precision='16-mixed' cannot be simulated: GradScaler reads a value (found_inf.item())")
+
+
+def measure(case: MemoryCase, device: str, *, snapshot: str | Path | None = None) -> MemoryMeasurement:
+    """Measure the steady-state step of ``case`` on ``device`` (``cpu``, ``cuda``); with ``snapshot``, also write
+    the step's memory history there (:mod:`torchledger.measuring.snapshot`)."""
+    return measure_built(lambda: case.build(device), device, snapshot=snapshot)
 
 
 def predict_inference(case: MemoryCase) -> InferencePeak:
@@ -230,16 +248,11 @@ def simulate(case: MemoryCase, *, snapshot: str | Path | None = None) -> MemoryM
 
     NB: ``16-mixed`` cannot be simulated: GradScaler reads its found-inf flag with ``.item()``.
     """
-    if case.config.precision == "16-mixed":
-        raise ValueError("precision='16-mixed' cannot be simulated: GradScaler reads a value (found_inf.item())")
+    check_simulable(case.config.precision)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(allow_non_fake_inputs=True):
-        model, step, batches = case.build("cpu")
-        step.step(batches)
-        result = measure_cpu(lambda: step.step(batches), model, step.optimizer, device="simulated",
-                             snapshot=snapshot)
-    return result
+        return measure_built(lambda: case.build("cpu"), "simulated", snapshot=snapshot)
 
 
 def relative_error(predicted: int, measured: int) -> float:

@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from torchledger.formulas.hardware import DEVICES, DeviceSpec
+from torchledger.formulas.hardware import DeviceSpec, lookup_device
 from torchledger.reporting.results import (
     Comparable,
     Described,
@@ -134,8 +134,7 @@ def _measures(run: Run) -> _Measures:
 
 def _lookup(name: str) -> DeviceSpec | None:
     """The hardware table's entry for a GPU name, or None (quietly: an unknown GPU uses measured ceilings)."""
-    key = name.strip().lower()
-    return next((d for d in DEVICES if any(re.search(p, key) for p in d.patterns)), None)
+    return lookup_device(name, warn=False)
 
 
 def _ceilings(run: Run, measured: _Measures) -> tuple[dict[str, float], float | None, str]:
