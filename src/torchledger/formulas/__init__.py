@@ -9,6 +9,7 @@ from .activations import (
     mlp_activation_bytes,
 )
 from .estimate import Estimate, estimate
+from .families import FamilyDescription, get_family
 from .flops import (
     ModelFlops,
     attention_backward_flops,
@@ -31,6 +32,7 @@ from .flops import (
     model_flops,
     palm_train_flops_per_token,
     train_step_flops,
+    window_pairs,
 )
 from .hardware import (
     DEVICES,
@@ -72,6 +74,7 @@ from .specs import (
     param_counts,
     spec_from_hf_config,
 )
+from .steptime import Calibration, StepTime, datasheet_calibration, step_time, transformer_step_ops
 
 __all__ = [
     "DEVICES",
@@ -79,8 +82,10 @@ __all__ = [
     "RECIPES",
     "Activations",
     "CNNSpec",
+    "Calibration",
     "DeviceSpec",
     "Estimate",
+    "FamilyDescription",
     "InferencePeak",
     "MLPSpec",
     "ModelFlops",
@@ -88,6 +93,7 @@ __all__ = [
     "ModelStates",
     "ParamCounts",
     "Recipe",
+    "StepTime",
     "TrainPeak",
     "activation_bytes",
     "arithmetic_intensity",
@@ -100,9 +106,11 @@ __all__ = [
     "cnn_train_peak_bytes",
     "conv_backward_flops",
     "conv_flops",
+    "datasheet_calibration",
     "dtype_bytes",
     "estimate",
     "flops_per_token_train",
+    "get_family",
     "get_preset",
     "inference_peak_bytes",
     "kaplan_forward_flops_per_token",
@@ -133,6 +141,9 @@ __all__ = [
     "peak_flops",
     "ridge_point",
     "spec_from_hf_config",
+    "step_time",
     "train_peak_bytes",
     "train_step_flops",
+    "transformer_step_ops",
+    "window_pairs",
 ]

@@ -57,12 +57,17 @@ class Activations:
 def layer_activation_items(spec: ModelSpec, batch: int, seq_len: int, recipe: str = "32-true") -> dict[str, int]:
     """Bytes that one block of the reference implementation saves for backward, tensor by tensor.
 
-    The reference blocks (pre-norm, no dropout, ``F.scaled_dot_product_attention`` with a fused kernel) save:
+    The blocks are composed from the family's description (:mod:`torchledger.formulas.families`). The reference
+    blocks (pre-norm, no dropout, ``F.scaled_dot_product_attention`` with a fused kernel) save:
     the norm inputs (residual stream) and their fp32 statistics; the projection inputs (norm outputs, or under
     autocast their 16-bit copies); the fused qkv output (q, k, v are views of it that SDPA saves) or, for LLaMA,
     the rotated q and k and the v projection (SDPA with ``enable_gqa=True``, so k and v keep n_kv_heads); SDPA's
     output and fp32 log-sum-exp; the MLP's hidden tensors (GELU: its input and output; SwiGLU: gate, silu(gate), up
-    and their product).
+    and their product). A Mixture of Experts saves the router's input, its fp32 softmax, the top-k indices, weights
+    and their sum, and for the B T k routed rows: the slot and token indices, the experts' inputs and hidden tensors,
+    their outputs and routing weights (the product that weights them saves both) and the weighted rows (saved by
+    ``index_add_``). Every routed term is linear in
+    the rows an expert gets, so the sum is exact whatever the routing's balance.
 
     Korthikanti et al. 2022 (arXiv 2205.05198, Sec. 4.1) count 34 s b h + 5 a s^2 b bytes per 16-bit GPT layer.
     This count differs by what the reference layers do differently: no dropout masks (-2 sbh in the 34, and the
@@ -80,25 +85,25 @@ def layer_activation_items(spec: ModelSpec, batch: int, seq_len: int, recipe: st
     # Under autocast the residual stream is fp32 (fp32 embeddings + 16-bit branch outputs promote to fp32).
     res = dtype_bytes(r.param_dtype)
     d, f, q, kv = spec.d_model, spec.d_ff, spec.q_dim, spec.kv_dim
+    fam = spec.description
     stats = tokens * 4  # one fp32 value per token (mean or rstd)
     items: dict[str, int] = {}
-    if spec.family == "gpt2":
-        items["ln_1.input"] = tokens * d * res
-        items["ln_1.stats"] = 2 * stats  # mean and rstd
+
+    def norm(name: str) -> None:
+        if fam.norm == "layernorm":
+            items[f"{name}.input"] = tokens * d * res
+            items[f"{name}.stats"] = 2 * stats  # mean and rstd
+        else:
+            # F.rms_norm upcasts its input to fp32 and saves that, the fp32 rstd, and the fp32 normalized tensor.
+            items[f"{name}.input"] = tokens * d * 4
+            items[f"{name}.rstd"] = stats
+            items[f"{name}.normalized"] = tokens * d * 4
+
+    norm(fam.norm_names[0])
+    if fam.projections == "fused":
         items["attn.qkv.input"] = tokens * d * c
         items["attn.qkv.output"] = tokens * (q + 2 * kv) * c
-        items["attn.sdpa.output"] = tokens * q * c
-        items["attn.sdpa.logsumexp"] = batch * spec.n_heads * seq_len * 4
-        items["ln_2.input"] = tokens * d * res
-        items["ln_2.stats"] = 2 * stats
-        items["mlp.fc.input"] = tokens * d * c
-        items["mlp.gelu.input"] = tokens * f * c
-        items["mlp.proj.input"] = tokens * f * c
     else:
-        # F.rms_norm upcasts its input to fp32 and saves that, the fp32 rstd, and the fp32 normalized tensor.
-        items["norm_1.input"] = tokens * d * 4
-        items["norm_1.rstd"] = stats
-        items["norm_1.normalized"] = tokens * d * 4
         # Under autocast each projection casts the fp32 norm output to 16 bits for itself (autocast caches casts
         # of leaf weights only): q, k and v save three copies, gate and up two. Without autocast they share one.
         casts = 3 if r.autocast else 1
@@ -106,16 +111,35 @@ def layer_activation_items(spec: ModelSpec, batch: int, seq_len: int, recipe: st
         items["attn.q_rotated"] = tokens * q * c
         items["attn.k_rotated"] = tokens * kv * c
         items["attn.v"] = tokens * kv * c
-        items["attn.sdpa.output"] = tokens * q * c
-        items["attn.sdpa.logsumexp"] = batch * spec.n_heads * seq_len * 4
-        items["norm_2.input"] = tokens * d * 4
-        items["norm_2.rstd"] = stats
-        items["norm_2.normalized"] = tokens * d * 4
-        items["mlp.input"] = (2 if r.autocast else 1) * tokens * d * c
-        items["mlp.gate"] = tokens * f * c
-        items["mlp.silu"] = tokens * f * c
-        items["mlp.up"] = tokens * f * c
-        items["mlp.down.input"] = tokens * f * c
+    items["attn.sdpa.output"] = tokens * q * c
+    items["attn.sdpa.logsumexp"] = batch * spec.n_heads * seq_len * 4
+    norm(fam.norm_names[1])
+    rows = tokens
+    if fam.moe:
+        # the router: its input (autocast's 16-bit cast, or the norm output), the fp32 softmax that the top-k
+        # reads, the top-k's indices, the top-k weights and their sum (saved by the renormalizing division)
+        k, h = spec.experts_per_token, 4 if r.autocast else res  # h: the norm output's bytes per element
+        rows = tokens * k  # every token's k routed copies, however the router spreads them over the experts
+        items["moe.router.input"] = tokens * d * c
+        items["moe.probs"] = tokens * spec.n_experts * 4
+        items["moe.topk.indices"] = tokens * k * 8
+        items["moe.topk.values"] = tokens * k * 4
+        items["moe.topk.sum"] = tokens * 4
+        items["moe.slots"] = rows * 8  # the slots routed to each expert (nonzero), saved by the weights' gather
+        items["moe.rows"] = rows * 8  # their tokens, saved by index_select and by index_add_
+        items["moe.weights"] = rows * h  # each routed row's weight, saved by the weighting product
+        items["moe.expert.output"] = rows * d * c  # each expert's output, saved by the weighting product
+        items["moe.weighted"] = rows * d * h  # the weighted rows, saved by index_add_ (its backward's expand_as)
+    if fam.mlp == "gelu":
+        items["mlp.fc.input"] = tokens * d * c
+        items["mlp.gelu.input"] = tokens * f * c
+        items["mlp.proj.input"] = tokens * f * c
+    else:
+        items["mlp.input"] = (2 if r.autocast else 1) * rows * d * c
+        items["mlp.gate"] = rows * f * c
+        items["mlp.silu"] = rows * f * c
+        items["mlp.up"] = rows * f * c
+        items["mlp.down.input"] = rows * f * c
     return items
 
 
@@ -142,15 +166,17 @@ def activation_bytes(
     res = dtype_bytes(r.param_dtype)
     logprob = logprob_bytes(r)
     # The input batch (token ids, targets) belongs to the caller; GPT-2's position ids are made in the forward.
-    embedding = seq_len * 8 if spec.family == "gpt2" else 0
-    if spec.family == "gpt2":
+    fam = spec.description
+    embedding = seq_len * 8 if fam.learned_positions else 0
+    if fam.norm == "layernorm":
         head = tokens * spec.d_model * res + 2 * tokens * 4  # ln_f input, mean and rstd
     else:
         head = 2 * tokens * spec.d_model * 4 + tokens * 4  # fp32 norm input and normalized tensor, rstd
     head += tokens * spec.d_model * c + tokens * spec.vocab_size * logprob  # head input, saved log-probabilities
     logits = tokens * spec.vocab_size * c
     counts = param_counts(spec)
-    copies = counts.matmul * c if r.autocast else 0
+    # every expert that receives a token has its weights cast: all of them, under the balanced routing
+    copies = (counts.matmul + counts.per_layer_inactive * spec.n_layers) * c if r.autocast else 0
     head_copy = spec.vocab_size * spec.d_model * c if r.autocast else 0
     layer_copies = counts.per_layer_matmul * c if r.autocast else 0
     ckpt = len(checkpointed_blocks(checkpointing, spec.n_layers))
@@ -170,9 +196,9 @@ def activation_bytes(
 
 
 def buffer_bytes(spec: ModelSpec, recipe: str = "32-true") -> int:
-    """Bytes of the reference model's buffers: LLaMA's rotary cos and sin tables (max_seq_len x head_dim each), in
-    the parameters' dtype; GPT-2 has none."""
-    if spec.family != "llama":
+    """Bytes of the reference model's buffers: the rotary cos and sin tables (max_seq_len x head_dim each) of the
+    rotary families, in the parameters' dtype; learned positions (GPT-2) have none."""
+    if not spec.description.rotary:
         return 0
     return 2 * spec.max_seq_len * spec.head_dim * dtype_bytes(get_recipe(recipe).param_dtype)
 

@@ -5,7 +5,8 @@ and an (m, k) x (k, n) matmul is 2mkn FLOPs (strictly mn(2k - 1); everyone uses 
 matmul-like work only (mm, addmm, bmm, convolution, the two attention matmuls): bias adds, norms, activations and
 softmax are not counted, and attention is counted densely even when causal. This is the convention of PyTorch's
 FlopCounterMode and of PaLM's MFU (Chowdhery et al. 2022, App. B), so counts here can be compared with both.
-Softmax FLOPs and causal halving are explicit options of :func:`attention_flops`.
+Softmax FLOPs, causal halving and a causal sliding window (exact pair counts) are explicit options of
+:func:`attention_flops`; :data:`ATTENTION_CONVENTIONS` names the three ways attention can be counted.
 
 NB: fvcore, ptflops and thop report MACs under the name "flops"; halve nothing here to compare, double theirs.
 The lecture notes this project started from mixed the two units in one total (linear and conv layers in MACs,
@@ -205,6 +206,38 @@ def conv_backward_flops(forward_flops: int, *, input_grad: bool = True, weight_g
 
 # --------------------------------------------------------------------------------------------------- attention
 
+ATTENTION_CONVENTIONS: tuple[str, ...] = ("dense", "causal", "window")
+
+
+def attention_convention(causal: bool = False, window: int | None = None) -> str:
+    """The name of an attention counting convention: ``dense`` (every query-key pair, what SDPA's kernels compute
+    with or without a mask), ``causal`` (halved) or ``window W`` (the pairs a causal window of W keys attends)."""
+    if window is not None:
+        return f"window {positive_int('window', window)}"
+    return "causal" if causal else "dense"
+
+
+def window_pairs(q_len: int, kv_len: int, window: int) -> int:
+    """(query, key) pairs that causal sliding-window attention attends: query i (at position kv_len - q_len + i)
+    sees the keys at positions max(0, p - window + 1) .. p, i.e. min(p + 1, window) of them.
+
+    Exact: sum over p of min(p + 1, w) = S(kv_len) - S(kv_len - q_len), with S(n) = n(n + 1)/2 for n <= w and
+    w(w + 1)/2 + (n - w) w beyond. A window at least kv_len long gives the causal triangle T(T + 1)/2 (diagonal
+    included, unlike the ``causal`` halving's T^2/2).
+    """
+    positive_int("q_len", q_len)
+    positive_int("kv_len", kv_len)
+    positive_int("window", window)
+    if q_len > kv_len:
+        raise ValueError(f"q_len={q_len} exceeds kv_len={kv_len}: a causal query needs its own key")
+
+    def prefix(n: int) -> int:
+        if n <= window:
+            return n * (n + 1) // 2
+        return window * (window + 1) // 2 + (n - window) * window
+
+    return prefix(kv_len) - prefix(kv_len - q_len)
+
 
 def attention_flops(
     batch: int,
@@ -216,6 +249,7 @@ def attention_flops(
     v_head_dim: int | None = None,
     causal: bool = False,
     softmax_flops_per_element: int = 0,
+    window: int | None = None,
 ) -> int:
     """Forward FLOPs of scaled dot-product attention: QK^T (2 B H Tq Tk d) plus AV (2 B H Tq Tk d_v).
 
@@ -228,6 +262,9 @@ def attention_flops(
             NB: exact halving ignores the diagonal (T(T+1)/2 entries, not T^2/2), as both of those do.
         softmax_flops_per_element: add this many FLOPs per score (0 by default; Chinchilla App. F uses 3,
             a numerically stable softmax is about 5: max, subtract, exp, sum, divide).
+        window: count only the (query, key) pairs that a causal sliding window of ``window`` keys attends
+            (:func:`window_pairs`, exact), in place of the dense count or the causal halving. NB: SDPA given a
+            window mask still computes every score; this counts the work a windowed kernel needs.
     """
     positive_int("batch", batch)
     positive_int("n_heads", n_heads)
@@ -236,9 +273,10 @@ def attention_flops(
     positive_int("head_dim", head_dim)
     dv = head_dim if v_head_dim is None else positive_int("v_head_dim", v_head_dim)
     non_negative_int("softmax_flops_per_element", softmax_flops_per_element)
-    scores = batch * n_heads * q_len * kv_len
+    pairs = q_len * kv_len if window is None else window_pairs(q_len, kv_len, window)
+    scores = batch * n_heads * pairs
     flops = 2 * scores * head_dim + 2 * scores * dv + softmax_flops_per_element * scores
-    return flops // 2 if causal else flops
+    return flops // 2 if causal and window is None else flops
 
 
 def attention_backward_flops(
@@ -251,64 +289,82 @@ def attention_backward_flops(
     v_head_dim: int | None = None,
     causal: bool = False,
     recompute_scores: bool = False,
+    window: int | None = None,
 ) -> int:
     """Backward FLOPs of attention's two matmuls: 2x their forward (grads of Q and K through QK^T, of P and V
     through AV), plus one more QK^T when the kernel recomputes the scores instead of saving them.
 
     ``recompute_scores=True`` is what fused flash/memory-efficient kernels do (FlopCounterMode counts their backward
     as 5 bmm-equivalents, 2.5x the forward); the default (2x) is the math path and PaLM's/nanoGPT's convention.
-    Softmax backward is elementwise and not counted.
+    Softmax backward is elementwise and not counted. ``window``: the pairs of a causal sliding window only.
     """
     dv = head_dim if v_head_dim is None else v_head_dim
-    fwd = attention_flops(batch, n_heads, q_len, kv_len, head_dim, v_head_dim=dv)
+    fwd = attention_flops(batch, n_heads, q_len, kv_len, head_dim, v_head_dim=dv, window=window)
     flops = 2 * fwd
-    if recompute_scores:
-        flops += bmm_flops(batch * n_heads, q_len, head_dim, kv_len)
-    return flops // 2 if causal else flops
+    if recompute_scores:  # QK^T once more, over the same pairs
+        pairs = q_len * kv_len if window is None else window_pairs(q_len, kv_len, window)
+        flops += 2 * batch * n_heads * pairs * head_dim
+    return flops // 2 if causal and window is None else flops
 
 
 # --------------------------------------------------------------------------------------------------- transformers
 
 
 def layer_forward_flops_breakdown(
-    spec: ModelSpec, batch: int, seq_len: int, *, causal: bool = False, softmax_flops_per_element: int = 0
+    spec: ModelSpec, batch: int, seq_len: int, *, causal: bool = False, softmax_flops_per_element: int = 0,
+    window: int | None = None,
 ) -> dict[str, int]:
     """Forward FLOPs of one transformer block of ``spec`` on ``batch`` sequences of ``seq_len`` tokens, by matmul.
 
     Keys: ``attn.qkv`` (query, key and value projections), ``attn.scores`` (QK^T), ``attn.av`` (attention x V),
-    ``attn.out`` (output projection) and ``mlp.<matrix>`` (``fc``/``proj`` for GELU, ``gate``/``up``/``down``
-    for SwiGLU). Norms, activations, residual adds and bias adds are not counted (see the module docstring).
+    ``attn.out`` (output projection), for a Mixture of Experts ``moe.router`` (d_model -> n_experts logits), and
+    ``mlp.<matrix>`` (the family's matrices: ``fc``/``proj`` for GELU, ``gate``/``up``/``down`` for SwiGLU and for
+    the experts). Norms, activations, residual adds, bias adds, the router's softmax and top-k, and the experts'
+    gathers and weighted sums are not counted (see the module docstring).
+
+    A Mixture of Experts runs each of the B T tokens through ``experts_per_token`` experts: B T k rows in all pass
+    through the experts' matrices, however the router spreads them (expert e gets n_e rows with sum n_e = B T k,
+    and every matmul is linear in its rows), so the count is exact whatever the routing's balance.
+    ``window``: count attention over the pairs of a causal sliding window of that many keys (:func:`window_pairs`).
     """
     positive_int("batch", batch)
     positive_int("seq_len", seq_len)
     n = batch * seq_len
     d, f = spec.d_model, spec.d_ff
+    fam = spec.description
     non_negative_int("softmax_flops_per_element", softmax_flops_per_element)
     heads = batch * spec.n_heads
-    qk = bmm_flops(heads, seq_len, spec.head_dim, seq_len)  # (B*H, T, hd) x (B*H, hd, T)
-    av = bmm_flops(heads, seq_len, seq_len, spec.head_dim)  # (B*H, T, T) x (B*H, T, hd)
-    qk += softmax_flops_per_element * heads * seq_len * seq_len
-    if causal:
-        qk, av = qk // 2, av // 2
+    if window is None:
+        qk = bmm_flops(heads, seq_len, spec.head_dim, seq_len)  # (B*H, T, hd) x (B*H, hd, T)
+        av = bmm_flops(heads, seq_len, seq_len, spec.head_dim)  # (B*H, T, T) x (B*H, T, hd)
+        qk += softmax_flops_per_element * heads * seq_len * seq_len
+        if causal:
+            qk, av = qk // 2, av // 2
+    else:  # the (query, key) pairs a causal window attends, exactly
+        pairs = heads * window_pairs(seq_len, seq_len, window)
+        qk = 2 * pairs * spec.head_dim + softmax_flops_per_element * pairs
+        av = 2 * pairs * spec.head_dim
     out = {
         "attn.qkv": matmul_flops(n, d, spec.q_dim + 2 * spec.kv_dim),
         "attn.scores": qk,
         "attn.av": av,
         "attn.out": matmul_flops(n, spec.q_dim, d),
     }
-    if spec.family == "gpt2":
-        out["mlp.fc"] = matmul_flops(n, d, f)
-        out["mlp.proj"] = matmul_flops(n, f, d)
-    else:
-        out["mlp.gate"] = matmul_flops(n, d, f)
-        out["mlp.up"] = matmul_flops(n, d, f)
-        out["mlp.down"] = matmul_flops(n, f, d)
+    rows = n
+    if fam.moe:
+        out["moe.router"] = matmul_flops(n, d, spec.n_experts)
+        rows = n * spec.experts_per_token  # token-rows through the experts, in all
+    *inner, last = fam.mlp_names
+    for name in inner:
+        out[f"mlp.{name}"] = matmul_flops(rows, d, f)
+    out[f"mlp.{last}"] = matmul_flops(rows, f, d)
     return out
 
 
-def layer_forward_flops(spec: ModelSpec, batch: int, seq_len: int, *, causal: bool = False) -> int:
+def layer_forward_flops(spec: ModelSpec, batch: int, seq_len: int, *, causal: bool = False,
+                        window: int | None = None) -> int:
     """Forward FLOPs of one transformer block (sum of :func:`layer_forward_flops_breakdown`)."""
-    return sum(layer_forward_flops_breakdown(spec, batch, seq_len, causal=causal).values())
+    return sum(layer_forward_flops_breakdown(spec, batch, seq_len, causal=causal, window=window).values())
 
 
 def lm_head_flops(spec: ModelSpec, batch: int, seq_len: int) -> int:
@@ -344,6 +400,7 @@ def model_flops(
     causal: bool = False,
     recompute_attention_scores: bool = False,
     checkpoint_early_stop: bool = True,
+    window: int | None = None,
 ) -> ModelFlops:
     """FLOPs of one micro-batch of ``batch`` sequences of ``seq_len`` tokens through the whole model of ``spec``.
 
@@ -357,7 +414,11 @@ def model_flops(
     NB: PyTorch's non-reentrant ``torch.utils.checkpoint`` stops recomputing once every tensor the backward needs
     is back (``set_checkpoint_early_stop``, on by default), so a block's last matmul (the MLP's down projection,
     whose output nothing saves) is not run again: ``checkpoint_early_stop=False`` counts the whole forward, as
-    reentrant checkpointing and Megatron's 96BsLh^2 formula do.
+    reentrant checkpointing and Megatron's 96BsLh^2 formula do. A Mixture of Experts block saves every expert's
+    down-projection output (its product with the routing weight needs it), so all of it is recomputed.
+
+    ``causal`` halves attention; ``window`` counts the pairs of a causal sliding window exactly
+    (:func:`attention_flops`); neither is what SDPA's kernels execute, which is the dense default.
 
     ``recompute_attention_scores`` describes the attention kernel: fused kernels (flash, memory-efficient, cuDNN,
     PyTorch's CPU flash) recompute QK^T in the backward; the math path (and the meta device) does not.
@@ -368,7 +429,7 @@ def model_flops(
     FLOPs per token at T=1024, and the whole forward 284,812,800 FLOPs per token.
     """
     one_of("checkpointing", checkpointing, CHECKPOINTING)
-    layer = layer_forward_flops_breakdown(spec, batch, seq_len, causal=causal)
+    layer = layer_forward_flops_breakdown(spec, batch, seq_len, causal=causal, window=window)
     layer_fwd = sum(layer.values())
     head = lm_head_flops(spec, batch, seq_len)
     forward = spec.n_layers * layer_fwd + head
@@ -378,7 +439,9 @@ def model_flops(
     recompute = 0
     blocks = len(checkpointed_blocks(checkpointing, spec.n_layers))
     if blocks:
-        last = layer["mlp.proj"] if spec.family == "gpt2" else layer["mlp.down"]
+        fam = spec.description
+        # the last matmul, whose output nothing saves (a Mixture of Experts saves it for the routing weights)
+        last = 0 if fam.moe else layer[f"mlp.{fam.mlp_names[-1]}"]
         recompute = blocks * (layer_fwd - (last if checkpoint_early_stop else 0))
     elif checkpointing == "selective":
         recompute = spec.n_layers * (layer["attn.scores"] + layer["attn.av"])
@@ -387,14 +450,15 @@ def model_flops(
 
 def train_step_flops(
     spec: ModelSpec, batch: int, seq_len: int, *, grad_accum: int = 1, checkpointing: str = "none",
-    causal: bool = False,
+    causal: bool = False, window: int | None = None,
 ) -> int:
     """FLOPs of one optimizer step: ``grad_accum`` micro-batches of forward, backward and recompute.
 
     NB: the optimizer update itself is elementwise (a few FLOPs per parameter) and not counted.
     """
     positive_int("grad_accum", grad_accum)
-    return grad_accum * model_flops(spec, batch, seq_len, checkpointing=checkpointing, causal=causal).train
+    return grad_accum * model_flops(spec, batch, seq_len, checkpointing=checkpointing, causal=causal,
+                                    window=window).train
 
 
 def flops_per_token_train(spec: ModelSpec, seq_len: int, *, checkpointing: str = "none", causal: bool = False) -> float:
@@ -437,9 +501,10 @@ def kaplan_train_flops_per_token(spec: ModelSpec) -> int:
 def _kaplan_n(spec: ModelSpec) -> int:
     """Kaplan's N = 2 d_model n_layer (2 d_attn + d_ff) for MHA with a two-matrix MLP; the exact block weight count
     (which it equals there) for GQA or SwiGLU shapes that the published expression does not describe."""
-    if spec.family == "gpt2" and spec.kv_dim == spec.q_dim:
+    if spec.description.mlp == "gelu" and spec.kv_dim == spec.q_dim:
         return 2 * spec.d_model * spec.n_layers * (2 * spec.q_dim + spec.d_ff)
-    return param_counts(spec).per_layer_matmul * spec.n_layers
+    counts = param_counts(spec)
+    return (counts.per_layer_matmul - counts.per_layer_inactive) * spec.n_layers
 
 
 def palm_train_flops_per_token(spec: ModelSpec, seq_len: int) -> int:

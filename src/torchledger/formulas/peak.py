@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ._validate import one_of, positive_int
@@ -21,7 +22,15 @@ from .memory import (
     model_state_bytes,
 )
 from .specs import CNNSpec, MLPSpec, ModelSpec, check_seq_len, param_counts
-from .timeline import StepConfig, StepTimeline, cnn_timeline, mlp_timeline, transformer_timeline
+from .timeline import (
+    StepConfig,
+    StepTimeline,
+    balanced_routing,
+    check_routing,
+    cnn_timeline,
+    mlp_timeline,
+    transformer_timeline,
+)
 from .vocabulary import OPTIMIZER_IMPLS, STEP_CHECKPOINTING
 
 
@@ -76,9 +85,16 @@ def train_peak_bytes(
     optimizer_impl: str = "foreach",
     clip: bool = False,
     device: str = "cpu",
+    routing: Sequence[Sequence[int]] | None = None,
 ) -> TrainPeak:
     """Peak bytes of one training step of a reference transformer: the largest moment of its timeline (see
     :func:`torchledger.formulas.timeline.transformer_timeline` for every op it walks).
+
+    A Mixture of Experts routes by the data: ``routing`` gives the rows each expert of each block received (read
+    from the model after the step: :attr:`torchledger.workloads.models.MoE.tokens_per_expert`), and without it the
+    routing is taken as balanced (:func:`torchledger.formulas.timeline.balanced_routing`). What autograd saves
+    depends only on the B T k routed rows in all, not on their balance; the transients of one expert at a time
+    (its hidden tensors in the forward, its gradients in the backward) grow with that expert's rows.
 
     Where it falls: at the start of the backward (saved tensors, the logits and the gradients of the
     log-probabilities), at a block's weight gradients, at the end of the backward (a tied embedding's two gradients
@@ -93,7 +109,7 @@ def train_peak_bytes(
     states = model_state_bytes(n, recipe, optimizer)
     acts = activation_bytes(spec, batch, seq_len, recipe, checkpointing)
     config = _config(recipe, optimizer, optimizer_impl, checkpointing, grad_accum, clip)
-    walk = transformer_timeline(spec, batch, seq_len, config, device)
+    walk = transformer_timeline(spec, batch, seq_len, config, device, routing)
     return _from_timeline(walk, states, acts, grad_accum, buffer_bytes(spec, recipe))
 
 
@@ -153,7 +169,8 @@ class InferencePeak:
                 "kv_cache": self.kv_cache}
 
 
-def inference_peak_bytes(spec: ModelSpec, batch: int, seq_len: int, *, recipe: str = "bf16-true") -> InferencePeak:
+def inference_peak_bytes(spec: ModelSpec, batch: int, seq_len: int, *, recipe: str = "bf16-true",
+                         routing: Sequence[Sequence[int]] | None = None) -> InferencePeak:
     """Peak bytes of the reference transformer's prefill (no autograd): parameters and buffers, the KV cache of
     every block, and the last block's live tensors at its MLP.
 
@@ -162,6 +179,13 @@ def inference_peak_bytes(spec: ModelSpec, batch: int, seq_len: int, *, recipe: s
     residual sum, for LLaMA the second norm's output, and the MLP's widest moment (GELU: its input and output;
     SwiGLU: silu(gate), up and their product). The cache is full by then; the LM head runs on the last position.
     Runs in the parameters' dtype: the ``*-true`` recipes only.
+
+    A Mixture of Experts holds, beside the attention's tensors, the router's logits and fp32 softmax, the routing
+    weights and expert indices, the output being summed, and at one expert's widest moment its slot and token
+    indices, gathered rows, silu(gate), up and their product, with the previous expert's weighted rows still
+    referenced: the peak is in the block whose largest expert (with the cache filled so far) is largest.
+    ``routing``: the rows per expert per block (:attr:`torchledger.workloads.models.MoE.tokens_per_expert`);
+    default balanced (:func:`torchledger.formulas.timeline.balanced_routing`).
     """
     r = get_recipe(recipe)
     if r.autocast or r.master_dtype:
@@ -171,12 +195,34 @@ def inference_peak_bytes(spec: ModelSpec, batch: int, seq_len: int, *, recipe: s
     positive_int("seq_len", seq_len)
     b = dtype_bytes(r.param_dtype)
     d, f, q, kv = spec.d_model, spec.d_ff, spec.q_dim, spec.kv_dim
+    fam = spec.description
+    tokens = batch * seq_len
     # elements per token alive at the peak
-    gpt_live = d + (q + 2 * kv) + q + d + 2 * f  # x, qkv, attention out, x + attn, GELU input and output
-    llama_live = d + q + kv + q + d + d + 3 * f  # x, rotated q, v_proj out, attention out, x + attn, norm, 3 f
-    live = gpt_live if spec.family == "gpt2" else llama_live
+    # GPT-2: x, qkv, attention out, x + attn; LLaMA: x, rotated q, v_proj out, attention out, x + attn, norm
+    live = d + (q + 2 * kv) + q + d if fam.projections == "fused" else d + q + kv + q + d + d
+    if fam.mlp == "gelu":
+        live += 2 * f  # GELU input and output
+    elif fam.mlp == "swiglu":
+        live += 3 * f  # silu(gate), up, their product
+    activations = tokens * live * b
+    if fam.moe:
+        k, E = spec.experts_per_token, spec.n_experts
+        rows = balanced_routing(spec, tokens) if routing is None else check_routing(spec, tokens, routing)
+        # logits, fp32 softmax, the routing weights (in the input's dtype) and expert indices, the output
+        activations += tokens * E * (b + 4) + tokens * k * (b + 8) + tokens * d * b
+        cache_per_block = kv_cache_bytes(spec, batch, seq_len, r.param_dtype) // spec.n_layers
+        widest = []
+        for i, layer in enumerate(rows):
+            previous, most = 0, 0
+            for n in layer:
+                if n:
+                    most = max(most, n * (16 + d * b + 3 * f * b) + previous * d * b)
+                    previous = n
+            # block i runs with the cache of blocks 0..i only
+            widest.append(most - (spec.n_layers - 1 - i) * cache_per_block)
+        activations += max(widest)
     return InferencePeak(
         params=param_counts(spec).total * b + buffer_bytes(spec, recipe),
         kv_cache=kv_cache_bytes(spec, batch, seq_len, r.param_dtype),
-        activations=batch * seq_len * live * b,
+        activations=activations,
     )

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 
 from .device import device_terms
+from .families import FamilyDescription
 from .memory import OPTIMIZER_STATES, Recipe, dtype_bytes, get_recipe
 from .specs import CNNSpec, MLPSpec, ModelSpec
 from .vocabulary import checkpointed_blocks
@@ -42,6 +43,7 @@ class Moment:
     label: str
     total: int
     by_category: dict[str, int]
+    size: int = 0  # the bytes of the allocation that made this moment
 
     @property
     def name(self) -> str:
@@ -63,6 +65,7 @@ class Timeline:
         self.phase = "forward"
         self.peak: Moment | None = None
         self.phase_peaks: dict[str, Moment] = {}
+        self.moments: list[Moment] | None = None  # every moment, when a caller sets a list here
 
     def alloc(self, size: int, label: str, category: str = "temporaries") -> int:
         """A new tensor of ``size`` bytes (one reference), made by the op ``label``, as the device's allocator counts
@@ -73,6 +76,8 @@ class Timeline:
         self._size[t], self._refs[t], self._cat[t] = size, 1, category
         self.total += size
         self.by_category[category] += size
+        if self.moments is not None:
+            self.moments.append(Moment(self.phase, label, self.total, dict(self.by_category), size))
         best = self.phase_peaks.get(self.phase)
         if best is None or self.total > best.total:
             moment = Moment(self.phase, label, self.total, dict(self.by_category))
@@ -433,52 +438,92 @@ class _Step:
 
 
 def _transformer_params(spec: ModelSpec) -> tuple[list[Param], dict[str, Param]]:
+    """The parameters in the reference model's order, named as the blocks of :class:`_TransformerStep` read them;
+    the layout is the family description's (:mod:`torchledger.formulas.families`)."""
     d, f, q, kv = spec.d_model, spec.d_ff, spec.q_dim, spec.kv_dim
+    fam = spec.description
     ps: dict[str, Param] = {}
 
     def add(name: str, numel: int) -> None:
         ps[name] = Param(name, numel)
 
-    if spec.family == "gpt2":
-        add("wte", spec.vocab_size * d)
+    add(fam.embedding_name, spec.vocab_size * d)
+    if fam.learned_positions:
         add("wpe", spec.max_seq_len * d)
-        for i in range(spec.n_layers):
-            b = f"block {i} "
-            layer = [("ln_1.weight", d), ("ln_1.bias", d), ("attn.qkv.weight", d * (q + 2 * kv)),
-                     ("attn.qkv.bias", q + 2 * kv), ("attn.proj.weight", q * d), ("attn.proj.bias", d),
-                     ("ln_2.weight", d), ("ln_2.bias", d), ("mlp.fc.weight", d * f), ("mlp.fc.bias", f),
-                     ("mlp.proj.weight", f * d), ("mlp.proj.bias", d)]
-            for name, numel in layer:
-                if spec.bias or not name.endswith(".bias") or name.startswith("ln"):
-                    add(b + name, numel)
-        add("ln_f.weight", d)
-        add("ln_f.bias", d)
-        if not spec.tied_embeddings:
-            add("lm_head", spec.vocab_size * d)
-    else:
-        add("embed_tokens", spec.vocab_size * d)
-        for i in range(spec.n_layers):
-            b = f"block {i} "
-            for name, numel in [("norm_1.weight", d), ("attn.q.weight", d * q), ("attn.k.weight", d * kv),
-                                ("attn.v.weight", d * kv), ("attn.o.weight", q * d), ("norm_2.weight", d),
-                                ("mlp.gate.weight", d * f), ("mlp.up.weight", d * f), ("mlp.down.weight", f * d)]:
+    n1, n2, nf = fam.norm_names
+    for i in range(spec.n_layers):
+        b = f"block {i} "
+        if fam.projections == "fused":
+            layer = [(f"{n1}.weight", d), (f"{n1}.bias", d), ("attn.qkv.weight", d * (q + 2 * kv)),
+                     ("attn.qkv.bias", q + 2 * kv), ("attn.proj.weight", q * d), ("attn.proj.bias", d)]
+        else:
+            layer = [(f"{n1}.weight", d), ("attn.q.weight", d * q), ("attn.k.weight", d * kv),
+                     ("attn.v.weight", d * kv), ("attn.o.weight", q * d)]
+        layer += [(f"{n2}.weight", d), (f"{n2}.bias", d)] if fam.norm == "layernorm" else [(f"{n2}.weight", d)]
+        if fam.mlp == "gelu":
+            layer += [("mlp.fc.weight", d * f), ("mlp.fc.bias", f), ("mlp.proj.weight", f * d), ("mlp.proj.bias", d)]
+        elif fam.mlp == "swiglu":
+            layer += [("mlp.gate.weight", d * f), ("mlp.up.weight", d * f), ("mlp.down.weight", f * d)]
+        else:  # moe: the router, then each expert's gate, up and down
+            layer += [("moe.router.weight", d * spec.n_experts)]
+            for e in range(spec.n_experts):
+                layer += [(f"moe.expert{e}.gate.weight", d * f), (f"moe.expert{e}.up.weight", d * f),
+                          (f"moe.expert{e}.down.weight", f * d)]
+        for name, numel in layer:
+            if spec.bias or not name.endswith(".bias") or name.startswith(fam.norm_names):
                 add(b + name, numel)
-        add("norm.weight", d)
-        if not spec.tied_embeddings:
-            add("lm_head", spec.vocab_size * d)
+    add(f"{nf}.weight", d)
+    if fam.norm == "layernorm":
+        add(f"{nf}.bias", d)
+    if not spec.tied_embeddings:
+        add("lm_head", spec.vocab_size * d)
     return list(ps.values()), ps
 
 
+def balanced_routing(spec: ModelSpec, tokens: int) -> tuple[tuple[int, ...], ...]:
+    """The routing assumed when none is given: the ``tokens * k`` (token, choice) slots spread as evenly as they
+    go, expert e of every block getting ``tokens * k // E`` slots and one more for the first ``tokens * k % E``
+    experts (what the reference MoE runs where tensors hold no values: meta, FakeTensorMode)."""
+    slots, n = tokens * spec.experts_per_token, spec.n_experts
+    return tuple(tuple(slots // n + int(e < slots % n) for e in range(n)) for _ in range(spec.n_layers))
+
+
+def check_routing(spec: ModelSpec, tokens: int, routing: Sequence[Sequence[int]]) -> tuple[tuple[int, ...], ...]:
+    """``routing`` (rows per expert, one sequence per block) as tuples, if it routes ``tokens * k`` slots in every
+    block of ``spec``; ValueError naming it otherwise."""
+    out = tuple(tuple(int(n) for n in layer) for layer in routing)
+    if len(out) != spec.n_layers or any(len(layer) != spec.n_experts for layer in out):
+        raise ValueError(f"routing={routing!r} must give {spec.n_experts} counts for each of {spec.n_layers} blocks")
+    for layer in out:
+        if min(layer) < 0 or sum(layer) != tokens * spec.experts_per_token:
+            raise ValueError(f"routing={routing!r}: each block routes tokens * experts_per_token = "
+                             f"{tokens * spec.experts_per_token} slots, as non-negative counts")
+    return out
+
+
+# The timeline's block of each architecture, keyed by the family description's projections and MLP.
+_BLOCKS: dict[tuple[str, str], str] = {("fused", "gelu"): "gpt_block", ("separate", "swiglu"): "llama_block",
+                                       ("separate", "moe"): "moe_block"}
+
+
 class _TransformerStep(_Step):
-    def __init__(self, spec: ModelSpec, batch: int, seq_len: int, config: StepConfig, device: str) -> None:
+    def __init__(self, spec: ModelSpec, batch: int, seq_len: int, config: StepConfig, device: str,
+                 routing: Sequence[Sequence[int]] | None = None) -> None:
+        self.family: FamilyDescription = spec.description
         params, self.ps = _transformer_params(spec)
         buffers = 2 * spec.max_seq_len * spec.head_dim * dtype_bytes(get_recipe(config.recipe).param_dtype) \
-            if spec.family == "llama" else 0
+            if self.family.rotary else 0
         super().__init__(params, config, device, buffers)
         self.spec, self.batch, self.seq = spec, batch, seq_len
         self.checkpointed = set(checkpointed_blocks(config.checkpointing, spec.n_layers))
         self.rows = batch * seq_len
-        emb = self.ps["wte" if spec.family == "gpt2" else "embed_tokens"]
+        self.routing = ((balanced_routing(spec, self.rows) if routing is None else
+                         check_routing(spec, self.rows, routing)) if self.family.moe else ())
+        key = (self.family.projections, self.family.mlp)
+        if key not in _BLOCKS:
+            raise ValueError(f"family={spec.family!r}: the timeline has no block of {', '.join(key)}")
+        self._block: Callable[[int, int], int] = getattr(self, _BLOCKS[key])
+        emb = self.ps[self.family.embedding_name]
         self.embedding = emb
         self.head = emb if spec.tied_embeddings else self.ps["lm_head"]
         if spec.tied_embeddings:
@@ -598,13 +643,16 @@ class _TransformerStep(_Step):
         G.drop(x)
         return out
 
-    def add(self, label: str, a: int, branch: int) -> int:
-        """The residual sum (saves nothing; its backward passes the gradient to both sides)."""
+    def add(self, label: str, a: int, branch: int, branch_bytes: int | None = None) -> int:
+        """The residual sum (saves nothing; its backward passes the gradient to both sides). ``branch_bytes``: the
+        branch's size when it is not a compute-dtype output (a Mixture of Experts sums in the norm's dtype)."""
         G = self.graph
         # under checkpointing the recomputation stops before the block's last op (nothing after it is saved)
         stop = G.mode == "recompute" and label.endswith("mlp residual")
         out = G.new(0 if stop else self.rows * self.spec.d_model * self.res, label)
-        branch_bytes, res_bytes = self.rows * self.spec.d_model * self.c, self.rows * self.spec.d_model * self.res
+        res_bytes = self.rows * self.spec.d_model * self.res
+        if branch_bytes is None:
+            branch_bytes = self.rows * self.spec.d_model * self.c
 
         def backward(n: Node) -> None:
             gout = G.buffer.pop(out)
@@ -648,18 +696,7 @@ class _TransformerStep(_Step):
     def llama_block(self, i: int, x: int) -> int:
         s, G, ps, rows = self.spec, self.graph, self.ps, self.rows
         b = f"block {i} "
-        h = self.layer_norm(b + "norm_1", x, ps[b + "norm_1.weight"], None)
-        q = self.rotary(b + "attn.q rotary", self.proj(b + "attn.q", h, ps[b + "attn.q.weight"], s.q_dim, None),
-                        s.q_dim)
-        k = self.rotary(b + "attn.k rotary", self.proj(b + "attn.k", h, ps[b + "attn.k.weight"], s.kv_dim, None),
-                        s.kv_dim)
-        v = self.proj(b + "attn.v", h, ps[b + "attn.v.weight"], s.kv_dim, None)
-        G.drop(h)
-        y = self.sdpa(b + "attn.sdpa", q, k, v, None)
-        G.drop(q, k, v)
-        a = self.proj(b + "attn.o", y, ps[b + "attn.o.weight"], s.d_model, None)
-        G.drop(y)
-        x2 = self.add(b + "attn residual", x, a)
+        x2 = self.llama_attention(i, x)
         h = self.layer_norm(b + "norm_2", x2, ps[b + "norm_2.weight"], None)
         gate = self.proj(b + "mlp.gate", h, ps[b + "mlp.gate.weight"], s.d_ff, None)
         f = rows * s.d_ff * self.c
@@ -677,8 +714,165 @@ class _TransformerStep(_Step):
         G.drop(x2)
         return out
 
+    def llama_attention(self, i: int, x: int) -> int:
+        """The first half of a LLaMA block: RMSNorm, q/k/v projections, rotary, SDPA, output projection and the
+        residual sum (returned)."""
+        s, G, ps = self.spec, self.graph, self.ps
+        b = f"block {i} "
+        h = self.layer_norm(b + "norm_1", x, ps[b + "norm_1.weight"], None)
+        q = self.rotary(b + "attn.q rotary", self.proj(b + "attn.q", h, ps[b + "attn.q.weight"], s.q_dim, None),
+                        s.q_dim)
+        k = self.rotary(b + "attn.k rotary", self.proj(b + "attn.k", h, ps[b + "attn.k.weight"], s.kv_dim, None),
+                        s.kv_dim)
+        v = self.proj(b + "attn.v", h, ps[b + "attn.v.weight"], s.kv_dim, None)
+        G.drop(h)
+        y = self.sdpa(b + "attn.sdpa", q, k, v, None)
+        G.drop(q, k, v)
+        a = self.proj(b + "attn.o", y, ps[b + "attn.o.weight"], s.d_model, None)
+        G.drop(y)
+        return self.add(b + "attn residual", x, a)
+
+    def moe_block(self, i: int, x: int) -> int:
+        """A Mixtral block: LLaMA's attention half, RMSNorm, the Mixture of Experts, the residual sum."""
+        G, ps = self.graph, self.ps
+        b = f"block {i} "
+        x2 = self.llama_attention(i, x)
+        h = self.layer_norm(b + "norm_2", x2, ps[b + "norm_2.weight"], None)
+        m = self.moe(i, h)
+        G.drop(h)
+        out = self.add(b + "mlp residual", x2, m, branch_bytes=self.rows * self.spec.d_model * (
+            4 if self.r.autocast else self.p))
+        G.drop(x2)
+        return out
+
+    def moe(self, i: int, h: int) -> int:
+        """:class:`torchledger.workloads.models.MoE` on the norm output ``h`` (N x d), expert e getting
+        ``self.routing[i][e]`` rows: the router (Linear, fp32 softmax, top-k, renormalizing division), then per
+        expert the ``nonzero`` slots and their tokens, ``index_select`` of the rows, the SwiGLU expert, the product
+        with the gathered routing weights, ``index_add_`` into the zero-filled output (returned).
+
+        Backward, in the engine's order (latest node first): each expert's chain in turn from the last expert, its
+        ``index_add_`` passing the output's gradient on to the previous one; each ``index_select`` makes a gradient
+        of its whole source (N x d for the tokens, N k for the weights), summed into that source's gradient.
+        NB: the saved tensors are linear in the rows per expert, so only the transients depend on the routing.
+        """
+        s, G, ps, N = self.spec, self.graph, self.ps, self.rows
+        b = f"block {i} moe."
+        E, k, d = s.n_experts, s.experts_per_token, s.d_model
+        c, hb = self.c, (4 if self.r.autocast else self.p)  # hb: the norm output's (and the weights') bytes
+        logits = self.proj(b + "router", h, ps[b + "router.weight"], E, None)  # (N, E)
+        src = logits
+        if c != 4:  # softmax(dtype=float) converts the 16-bit logits first
+            src = G.new(N * E * 4, b + "router logits fp32")
+        probs = G.new(N * E * 4, b + "softmax")
+        G.node(b + "softmax", probs, [probs], [(logits, N * E * 4, "grad", N * E * c if c != 4 else 0)])
+        if src != logits:
+            G.drop(src)
+        values = G.new(N * k * 4, b + "topk values")
+        indices = G.new(N * k * 8, b + "topk indices")
+        G.node(b + "topk", values, [indices], [(probs, N * E * 4, "grad (scatter)", 0)])
+        total = G.new(N * 4, b + "topk sum")
+        G.node(b + "topk sum", total, [], [(values, N * k * 4, "grad (expand)", 0)])
+        weights = G.new(N * k * 4, b + "renormalized weights")
+        div = G.node(b + "div", weights, [values, total], [(values, N * k * 4, "grad self", 0)])
+
+        def div_backward(n: Node, weights: int = weights, total: int = total, values: int = values) -> None:
+            gout = G.buffer.pop(weights)
+            d_self = G.new(N * k * 4, b + "div grad self")
+            tmp = G.new(N * k * 4, b + "div grad other")
+            d_other = G.new(N * 4, b + "div grad other (sum)")
+            G.drop(tmp)
+            G.release(n, gout)
+            G.route(values, d_self)
+            G.route(total, d_other)
+
+        div.backward = div_backward
+        G.drop(values, total)
+        if hb != 4:  # .to(h.dtype)
+            w32 = weights
+            weights = G.new(N * k * hb, b + "weights cast")
+            G.node(b + "weights cast", weights, [], [(w32, N * k * hb, "grad", N * k * 4)])
+            G.drop(w32)
+        out = G.new(N * d * hb, b + "zeros")
+        index_nodes: list[Node] = []
+        slots = rows = y = None
+        for e, n_e in enumerate(self.routing[i]):
+            x = f"{b}expert{e}."
+            hit = G.new(N * k, x + "eq")
+            new_slots = G.new(n_e * 8, x + "nonzero")
+            G.drop(hit, slots)
+            slots = new_slots
+            if n_e == 0:
+                continue
+            new_rows = G.new(n_e * 8, x + "floor_divide")
+            G.drop(rows)
+            rows = new_rows
+            gathered = G.new(n_e * d * hb, x + "index_select")
+            G.node(x + "index_select", gathered, [rows], [(h, N * d * hb, "grad (index_add)", 0)])
+            down = self._expert(x, gathered, n_e)
+            G.drop(gathered, y)  # the argument, then the previous expert's weighted output (rebound)
+            w = G.new(n_e * hb, x + "weights index_select")
+            G.node(x + "weights index_select", w, [slots], [(weights, N * k * hb, "grad (index_add)", 0)])
+            new_y = G.new(n_e * d * hb, x + "weighted")
+            mul = G.node(x + "weighted", new_y, [down, w])
+
+            def mul_backward(n: Node, y: int = new_y, down: int = down, w: int = w, n_e: int = n_e,
+                             x: str = x) -> None:
+                gout = G.buffer.pop(y)
+                d_down = G.new(n_e * d * hb, x + "weighted grad down")
+                tmp = G.new(n_e * d * hb, x + "weighted grad weights")
+                d_w = G.new(n_e * hb, x + "weighted grad weights (sum)")
+                G.drop(tmp)
+                G.release(n, gout)
+                if hb != c:  # the engine casts the gradient to the 16-bit output's dtype
+                    d_down = G.convert(d_down, n_e * d * c, x + "weighted grad down cast")
+                G.route(down, d_down)
+                G.route(w, d_w)
+
+            mul.backward = mul_backward
+            G.drop(w, down)
+            y = new_y
+            add = G.node(x + "index_add_", out, [rows, new_y])  # saves its source too (for expand_as)
+
+            def add_backward(n: Node, y: int = new_y, n_e: int = n_e, x: str = x, first: bool = not index_nodes
+                             ) -> None:
+                gout = G.buffer.pop(out)
+                d_src = G.new(n_e * d * hb, x + "index_add_ grad source")
+                G.release(n)
+                G.route(y, d_src)
+                if first:  # the zeros need no gradient
+                    G.drop(gout)
+                else:
+                    G.buffer[out] = gout
+
+            add.backward = add_backward
+            index_nodes.append(add)
+        G.drop(slots, rows, y, weights, indices, logits)
+        return out
+
+    def _expert(self, x: str, gathered: int, n: int) -> int:
+        """One SwiGLU expert on ``n`` gathered rows (``linear`` casts an fp32 input under autocast, for each of
+        gate and up); returns the down projection's output."""
+        s, G, ps = self.spec, self.graph, self.ps
+        d, f = s.d_model, s.d_ff
+        fp32 = self.r.autocast and self.tl.size(gathered) == n * d * 4
+        row = d * (4 if fp32 else self.c)
+        gate = self.linear(x + "gate", gathered, row, n, ps[x + "gate.weight"], f, None, cast_input=fp32)
+        fb = n * f * self.c
+        silu = G.new(fb, x + "silu")
+        G.node(x + "silu", silu, [gate], [(gate, fb, "grad", 0)])
+        G.drop(gate)
+        up = self.linear(x + "up", gathered, row, n, ps[x + "up.weight"], f, None, cast_input=fp32)
+        prod = G.new(fb, x + "mul")
+        G.node(x + "mul", prod, [silu, up], [(silu, fb, "grad silu", 0), (up, fb, "grad up", 0)])
+        G.drop(silu, up)
+        down = self.linear(x + "down", prod, f * self.c, n, ps[x + "down.weight"], d, None)
+        G.drop(prod)
+        return down
+
     def block(self, i: int, x: int) -> int:
-        return (self.gpt_block if self.spec.family == "gpt2" else self.llama_block)(i, x)
+        """Block ``i`` as the family's description builds it (``gpt_block``, ``llama_block``, ``moe_block``)."""
+        return self._block(i, x)
 
     def checkpointed_block(self, i: int, x: int) -> int:
         """Non-reentrant ``torch.utils.checkpoint``: the forward keeps only the block's input (the checkpoint
@@ -719,7 +913,7 @@ class _TransformerStep(_Step):
     def forward(self) -> tuple[int, int]:
         s, G, rows, d = self.spec, self.graph, self.rows, self.spec.d_model
         emb = self.embedding
-        if s.family == "gpt2":
+        if self.family.learned_positions:
             pos = G.new(self.seq * 8, "position ids")
             tok = G.new(rows * d * self.p, "wte")
             pe = G.new(self.seq * d * self.p, "wpe")
@@ -755,10 +949,8 @@ class _TransformerStep(_Step):
             nxt = self.checkpointed_block(i, x) if ckpt else self.block(i, x)
             G.drop(x)
             x = nxt
-        if s.family == "gpt2":
-            h = self.layer_norm("ln_f", x, self.ps["ln_f.weight"], self.ps["ln_f.bias"])
-        else:
-            h = self.layer_norm("norm", x, self.ps["norm.weight"], None)
+        nf = self.family.norm_names[2]
+        h = self.layer_norm(nf, x, self.ps[f"{nf}.weight"], self.ps.get(f"{nf}.bias"))
         G.drop(x)
         logits = self.proj("lm_head", h, self.head, s.vocab_size, None)
         G.drop(h)
@@ -863,9 +1055,13 @@ def _walk(step: _Step, forward: Callable[[], tuple[int, int]]) -> StepTimeline:
 
 
 def transformer_timeline(spec: ModelSpec, batch: int, seq_len: int, config: StepConfig,
-                         device: str = "cpu") -> StepTimeline:
-    """Walk one training step of the reference transformer (:mod:`torchledger.workloads.models`)."""
-    step = _TransformerStep(spec, batch, seq_len, config, device)
+                         device: str = "cpu", routing: Sequence[Sequence[int]] | None = None) -> StepTimeline:
+    """Walk one training step of the reference transformer (:mod:`torchledger.workloads.models`).
+
+    ``routing`` (Mixture of Experts only): the rows each expert of each block gets, as the router chose them in
+    the step (every micro-batch and recomputation taken to route alike); default :func:`balanced_routing`.
+    """
+    step = _TransformerStep(spec, batch, seq_len, config, device, routing)
     return _walk(step, step.forward)
 
 

@@ -7,11 +7,14 @@ from torchledger.workloads.models import (
     AttentionCore,
     Int8Linear,
     Llama,
+    Mixtral,
+    MoE,
     build_transformer,
     quantize_int8,
     token_batch,
 )
 
 __all__ = [
-    "CNN", "GPT", "MLP", "AttentionCore", "Int8Linear", "Llama", "build_transformer", "quantize_int8", "token_batch",
+    "CNN", "GPT", "MLP", "AttentionCore", "Int8Linear", "Llama", "Mixtral", "MoE", "build_transformer", "quantize_int8",
+    "token_batch",
 ]

@@ -1,13 +1,17 @@
 """Reference workloads: plain-PyTorch models built from the specs of :mod:`torchledger.formulas.specs`.
 
 Each is constructible on the meta device (``device="meta"``: shapes only, no weights allocated) so that FLOPs and
-memory of any size can be counted. The transformers are the exact architectures the formulas describe:
+memory of any size can be counted. The transformers are the exact architectures the formulas describe, chosen by
+the family's description (:mod:`torchledger.formulas.families`), never by its name:
 
 - :class:`GPT`: pre-norm blocks, fused QKV projection, GELU MLP, LayerNorm, learned positions, tied LM head.
 - :class:`Llama`: pre-norm blocks, separate q/k/v projections with grouped-query attention, rotary positions,
-  SwiGLU MLP, RMSNorm (``F.rms_norm``), untied LM head, no biases.
+  SwiGLU MLP, RMSNorm (``F.rms_norm``), untied LM head, no biases (``llama`` and ``mistral`` specs).
+- :class:`Mixtral`: LLaMA's blocks with a :class:`MoE` in place of the MLP: a router, softmax, top-k, and SwiGLU
+  experts that each run on the tokens routed to them (``index_select``), weighted and summed back (``index_add_``).
 
-Both call ``F.scaled_dot_product_attention`` through :class:`AttentionCore`, which counters recognize.
+All call ``F.scaled_dot_product_attention`` through :class:`AttentionCore`, which counters recognize; a spec's
+``sliding_window`` becomes a causal window mask there once the sequence is longer than the window.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from torchledger.formulas._validate import one_of
+from torchledger.formulas.families import FamilyDescription
 from torchledger.formulas.specs import CNNSpec, MLPSpec, ModelSpec
 from torchledger.formulas.vocabulary import STEP_CHECKPOINTING, checkpointed_blocks
 
@@ -33,13 +38,22 @@ class AttentionCore(nn.Module):
 
     torchledger_attention_core = True
 
-    def __init__(self, is_causal: bool = True, enable_gqa: bool = False) -> None:
+    def __init__(self, is_causal: bool = True, enable_gqa: bool = False, window: int | None = None) -> None:
         super().__init__()
         self.is_causal = is_causal
         self.enable_gqa = enable_gqa
+        self.window = window
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # q: (B, H, T, D); k, v: (B, H_kv, T, D) -> (B, H, T, D)
+        q_len, kv_len = q.size(-2), k.size(-2)
+        if self.window is not None and self.is_causal and kv_len > self.window:
+            # Mistral's sliding window: the query at position p sees the keys at p - window < j <= p.
+            # SDPA with this mask still computes every score (the dense count).
+            pos_q = torch.arange(kv_len - q_len, kv_len, device=q.device)[:, None]  # (T, 1)
+            pos_k = torch.arange(kv_len, device=q.device)[None, :]  # (1, S)
+            mask = (pos_k <= pos_q) & (pos_k > pos_q - self.window)  # (T, S) bool: True = attend
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.enable_gqa)
         if self.enable_gqa:
             return F.scaled_dot_product_attention(q, k, v, is_causal=self.is_causal, enable_gqa=True)
         return F.scaled_dot_product_attention(q, k, v, is_causal=self.is_causal)
@@ -148,7 +162,8 @@ class GPTBlock(nn.Module):
         self.spec = spec
         self.ln_1 = nn.LayerNorm(d, device=device)
         self.c_attn = nn.Linear(d, spec.q_dim + 2 * spec.kv_dim, bias=bool(spec.bias), device=device)
-        self.attn = AttentionCore(is_causal=causal, enable_gqa=spec.n_kv_heads != spec.n_heads)
+        self.attn = AttentionCore(is_causal=causal, enable_gqa=spec.n_kv_heads != spec.n_heads,
+                                  window=spec.sliding_window)
         self.c_proj = nn.Linear(spec.q_dim, d, bias=bool(spec.bias), device=device)
         self.ln_2 = nn.LayerNorm(d, device=device)
         self.c_fc = nn.Linear(d, spec.d_ff, bias=bool(spec.bias), device=device)
@@ -174,8 +189,7 @@ class GPT(_Transformer):
 
     def __init__(self, spec: ModelSpec, *, device: str | torch.device | None = None, causal: bool = True) -> None:
         super().__init__()
-        if spec.family != "gpt2":
-            raise ValueError(f"family={spec.family!r}: GPT builds gpt2-family specs")
+        _check_architecture(spec, GPT)
         self.spec = spec
         self.wte = nn.Embedding(spec.vocab_size, spec.d_model, device=device)
         self.wpe = nn.Embedding(spec.max_seq_len, spec.d_model, device=device)
@@ -233,6 +247,84 @@ class Rotary(nn.Module):
         return out
 
 
+class SwiGLU(nn.Module):
+    """One expert: ``down(silu(gate(x)) * up(x))``, no biases."""
+
+    def __init__(self, d_model: int, d_ff: int, device: str | torch.device | None = None) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=False, device=device)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False, device=device)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False, device=device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: (n, d) -> (n, d)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # type: ignore[no-any-return]
+
+
+def _has_data(t: Tensor) -> bool:
+    """Whether ``t`` holds values (not a meta tensor, not a FakeTensor): routing can then be read from it."""
+    if t.device.type == "meta":
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(t)
+
+
+def balanced_slots(n_slots: int, n_experts: int, expert: int, device: torch.device | str) -> Tensor:
+    """The stand-in routing used where tensors hold no values (meta, FakeTensorMode): slot j (token j // k, its
+    (j % k)-th choice) goes to expert j mod n_experts, so expert e gets n_slots // E slots, one more for the
+    first n_slots mod E experts (:func:`torchledger.formulas.timeline.balanced_routing`)."""
+    return torch.arange(expert, n_slots, n_experts, device=device)
+
+
+class MoE(nn.Module):
+    """Mixtral's sparse MLP, as Hugging Face's ``MixtralSparseMoeBlock`` computes it, in its plainest form.
+
+    router logits (N, E) -> fp32 softmax -> top-k weights, renormalized over the k -> for each expert e: the slots
+    routed to it (``nonzero``), their tokens gathered (``index_select``), the SwiGLU expert, the product with the
+    routing weights, summed into the output (``index_add_``). An expert that no token chose is skipped.
+    ``tokens_per_expert`` holds the last forward's routing (rows per expert). Where tensors hold no values (meta,
+    FakeTensorMode) the routing is :func:`balanced_slots`, with the same shapes a balanced router gives.
+    """
+
+    torchledger_moe = True
+
+    def __init__(self, spec: ModelSpec, device: str | torch.device | None = None) -> None:
+        super().__init__()
+        self.top_k = spec.experts_per_token
+        self.router = nn.Linear(spec.d_model, spec.n_experts, bias=False, device=device)
+        self.experts = nn.ModuleList(SwiGLU(spec.d_model, spec.d_ff, device) for _ in range(spec.n_experts))
+        self.tokens_per_expert: list[int] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        h = x.reshape(-1, shape[-1])  # (N, d)
+        logits = self.router(h)  # (N, E)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float)  # (N, E), fp32 as Mixtral's code computes it
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # (N, k) each
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(h.dtype).view(-1)  # (N k,) renormalized
+        chosen = chosen.view(-1)  # (N k,) expert of each slot
+        out = torch.zeros_like(h)  # (N, d)
+        real = _has_data(x)
+        counts = []
+        for e, expert in enumerate(self.experts):
+            hit = chosen == e  # (N k,) bool
+            # (n_e,) the slots routed to e
+            slots = hit.nonzero().squeeze(1) if real else balanced_slots(chosen.numel(), len(self.experts), e,
+                                                                          x.device)
+            del hit
+            n_e = int(slots.shape[0])
+            counts.append(n_e)
+            if n_e == 0:
+                continue
+            rows = slots // self.top_k  # (n_e,) their tokens
+            y = expert(h.index_select(0, rows))  # (n_e, d)
+            y = y * weights.index_select(0, slots).unsqueeze(1)  # (n_e, d) weighted
+            out.index_add_(0, rows, y)
+        self.tokens_per_expert = counts
+        return out.view(shape)
+
+
 class LlamaBlock(nn.Module):
     def __init__(self, spec: ModelSpec, rotary: Rotary, device: str | torch.device | None = None,
                  causal: bool = True) -> None:
@@ -243,13 +335,23 @@ class LlamaBlock(nn.Module):
         self.q_proj = nn.Linear(d, spec.q_dim, bias=False, device=device)
         self.k_proj = nn.Linear(d, spec.kv_dim, bias=False, device=device)
         self.v_proj = nn.Linear(d, spec.kv_dim, bias=False, device=device)
-        self.attn = AttentionCore(is_causal=causal, enable_gqa=spec.n_kv_heads != spec.n_heads)
+        self.attn = AttentionCore(is_causal=causal, enable_gqa=spec.n_kv_heads != spec.n_heads,
+                                  window=spec.sliding_window)
         self.o_proj = nn.Linear(spec.q_dim, d, bias=False, device=device)
         self.norm_2 = RMSNorm(d, device=device)
-        self.gate_proj = nn.Linear(d, spec.d_ff, bias=False, device=device)
-        self.up_proj = nn.Linear(d, spec.d_ff, bias=False, device=device)
-        self.down_proj = nn.Linear(spec.d_ff, d, bias=False, device=device)
+        if spec.description.moe:
+            self.moe = MoE(spec, device)
+        else:
+            self.gate_proj = nn.Linear(d, spec.d_ff, bias=False, device=device)
+            self.up_proj = nn.Linear(d, spec.d_ff, bias=False, device=device)
+            self.down_proj = nn.Linear(spec.d_ff, d, bias=False, device=device)
         self.rotary = rotary
+
+    def mlp(self, h: Tensor) -> Tensor:
+        """SwiGLU, or the Mixture of Experts of a ``moe`` family."""
+        if self.spec.description.moe:
+            return self.moe(h)  # type: ignore[no-any-return]
+        return self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))  # type: ignore[no-any-return]
 
     def forward(self, x: Tensor, cache: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
         s = self.spec
@@ -264,17 +366,16 @@ class LlamaBlock(nn.Module):
         y = self.attn(q, k, v).transpose(1, 2).contiguous().view(B, T, s.q_dim)  # (B, T, H*D)
         x = x + self.o_proj(y)
         h = self.norm_2(x)
-        out: Tensor = x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        out: Tensor = x + self.mlp(h)
         return out
 
 
 class Llama(_Transformer):
-    """LLaMA style decoder (the ``llama`` family)."""
+    """LLaMA style decoder (the ``llama`` and ``mistral`` families)."""
 
     def __init__(self, spec: ModelSpec, *, device: str | torch.device | None = None, causal: bool = True) -> None:
         super().__init__()
-        if spec.family != "llama":
-            raise ValueError(f"family={spec.family!r}: Llama builds llama-family specs")
+        _check_architecture(spec, type(self))
         self.spec = spec
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.d_model, device=device)
         rotary = Rotary(spec, device)
@@ -293,12 +394,42 @@ class Llama(_Transformer):
         return self.lm_head(self.norm(x))  # type: ignore[no-any-return]
 
 
+class Mixtral(Llama):
+    """Mixtral style decoder (the ``mixtral`` family): LLaMA's blocks with a :class:`MoE` as the MLP."""
+
+
+# The reference model of each architecture, keyed by what the family description says of its blocks.
+_ARCHITECTURES: dict[tuple[str, str, str, str], type[GPT] | type[Llama]] = {
+    ("fused", "gelu", "layernorm", "learned"): GPT,
+    ("separate", "swiglu", "rmsnorm", "rotary"): Llama,
+    ("separate", "moe", "rmsnorm", "rotary"): Mixtral,
+}
+
+
+def _architecture(fam: FamilyDescription) -> type[GPT] | type[Llama]:
+    key = (fam.projections, fam.mlp, fam.norm, fam.positions)
+    if key not in _ARCHITECTURES:
+        raise ValueError(f"family={fam.name!r}: no reference model has {', '.join(key)} blocks")
+    return _ARCHITECTURES[key]
+
+
+def _check_architecture(spec: ModelSpec, cls: type) -> None:
+    if _architecture(spec.description) is not cls:
+        raise ValueError(f"family={spec.family!r}: {cls.__name__} builds {', '.join(_families_of(cls))} specs")
+
+
+def _families_of(cls: type) -> list[str]:
+    from torchledger.formulas.families import FAMILIES
+
+    return [name for name, fam in FAMILIES.items() if _ARCHITECTURES.get(
+        (fam.projections, fam.mlp, fam.norm, fam.positions)) is cls]
+
+
 def build_transformer(
     spec: ModelSpec, *, device: str | torch.device | None = None, causal: bool = True
 ) -> GPT | Llama:
     """The reference transformer for ``spec`` (``device="meta"`` allocates nothing; ``causal=False`` drops the mask)."""
-    cls = GPT if spec.family == "gpt2" else Llama
-    return cls(spec, device=device, causal=causal)
+    return _architecture(spec.description)(spec, device=device, causal=causal)
 
 
 def token_batch(spec: ModelSpec, batch: int, seq_len: int, *, device: str | torch.device = "cpu",
