@@ -111,7 +111,7 @@ def command_line(case: MemoryCase) -> str:
                   "num_attention_heads": s.n_heads, "num_key_value_heads": s.n_kv_heads, "vocab_size": s.vocab_size,
                   "max_position_embeddings": s.max_seq_len, "intermediate_size": s.d_ff}
         prefix = f"echo {shlex.quote(json.dumps(hf))} > spec.json && "
-        args += ["--hf-config", "spec.json"]
+        args += ["--hf-config", "spec.json", "--implementation", "reference"]  # the reference transformer
     else:
         args += ["--model", case.workload]
     args += ["--batch-size", str(case.batch)]

@@ -82,6 +82,8 @@ def skip_unless_runnable(argv: tuple[str, ...]) -> None:
         return  # pure Python
     if importlib.util.find_spec("torch") is None:
         pytest.skip(f"torchledger {argv[0]} needs torch, which is not installed here")
+    if "--hf-config" in argv and "reference" not in argv and importlib.util.find_spec("transformers") is None:
+        pytest.skip(f"torchledger {argv[0]} --hf-config builds transformers' model, which is not installed here")
     if argv[0] == "measure" and "--device" not in argv and "--simulate" not in argv:
         import torch
 

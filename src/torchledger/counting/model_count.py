@@ -56,16 +56,15 @@ class CountReport:
 
 
 def _hf_model(path: str | os.PathLike[str]) -> nn.Module:
-    try:
-        import transformers
-    except ImportError:
-        raise RuntimeError(
-            "--hf-config builds the model with transformers, which is not installed (pip install 'torchledger[hf]')"
-        ) from None
-    config = transformers.AutoConfig.from_pretrained(os.fspath(path))
-    with torch.device("meta"):
-        model: nn.Module = transformers.AutoModelForCausalLM.from_config(config)
-    return model
+    """transformers' model of the config.json at ``path`` on the meta device, as :mod:`torchledger.workloads.hf`
+    builds it (SDPA attention, dropout off); TransformersMissing (a RuntimeError) without it.
+
+    NB: with its KV cache on: without one, transformers looks for packed sequences in the position ids, a check
+    that reads a value, which a meta tensor has not. The cache (its tensors are the keys and values the layers
+    compute anyway) adds no FLOP."""
+    from torchledger.workloads.hf import build_hf_model, load_config
+
+    return build_hf_model(load_config(path, use_cache=True), device="meta")
 
 
 def count_model(

@@ -26,6 +26,7 @@ from torchledger.formulas.peak import (
     train_peak_bytes,
 )
 from torchledger.formulas.specs import PRESETS, CNNSpec, MLPSpec, ModelSpec, get_preset
+from torchledger.formulas.timeline_hf import hf_profile_or_none, hf_train_peak_bytes
 from torchledger.formulas.vocabulary import REFERENCE_WORKLOADS
 from torchledger.measuring.memory import (
     MemoryMeasurement,
@@ -61,6 +62,7 @@ class MemoryCase:
     spec: ModelSpec | None = None  # a transformer spec not among the presets (read from a config.json)
     mlp: MLPSpec = MLP_SPEC  # the shapes of the mlp workload
     cnn: CNNSpec = CNN_SPEC  # the shapes of the cnn workload
+    hf_config: str | None = None  # a config.json: the case is Hugging Face's model of it (workloads.hf), not ours
 
     def to_record(self, kind: str = "train") -> dict[str, Any]:
         """The case as plain JSON data: what a benchmark or a GPU run records beside its measurement, so that
@@ -78,6 +80,8 @@ class MemoryCase:
                           "image_size": self.cnn.image_size, "n_classes": self.cnn.n_classes}
         elif self.spec is not None:
             out["spec"] = {k: v for k, v in asdict(self.spec).items() if v is not None}
+        if self.hf_config is not None:
+            out["hf_config"] = self.hf_config
         return out
 
     @classmethod
@@ -95,6 +99,8 @@ class MemoryCase:
                                        cnn["n_classes"])
             if "spec" in record:
                 extra["spec"] = ModelSpec(**record["spec"])
+            if record.get("hf_config") is not None:
+                extra["hf_config"] = str(record["hf_config"])
             return cls(record["workload"], int(record["batch"]), config, seq_len=int(record.get("seq_len") or 0),
                        **extra)
         except KeyError as exc:
@@ -115,22 +121,27 @@ class MemoryCase:
             return mlp_train_peak_bytes(self.mlp, self.batch, **common)  # type: ignore[arg-type]
         if self.workload == "cnn":
             return cnn_train_peak_bytes(self.cnn, self.batch, **common)  # type: ignore[arg-type]
+        profile = hf_profile_or_none(self.hf_config) if self.hf_config is not None else None
+        if profile is not None:  # what transformers runs: the implementation profile of its model_type
+            return hf_train_peak_bytes(self.transformer_spec(), profile, self.batch, self.seq_len,
+                                       checkpointing=c.checkpointing, **common)  # type: ignore[arg-type]
         return train_peak_bytes(self.transformer_spec(), self.batch, self.seq_len, checkpointing=c.checkpointing,
                                 **common)  # type: ignore[arg-type]
 
-    def build(self, device: str) -> tuple[nn.Module, TrainStep, list[tuple[Tensor, ...]]]:
-        """The model, its training step and the step's micro-batches, on ``device``."""
+    def build(self, device: str, *, fake: bool = False) -> tuple[nn.Module, TrainStep, list[tuple[Tensor, ...]]]:
+        """The model, its training step and the step's micro-batches, on ``device``; ``fake=True`` (under a
+        ``FakeTensorMode``): a Hugging Face model is built on the meta device and copied to fake tensors."""
         if self.workload not in WORKLOADS and self.spec is None:
             raise ValueError(f"workload={self.workload!r} is not one of {', '.join(WORKLOADS)}")
         torch.manual_seed(0)
         dtype = param_dtype(self.config.precision)
         gen = torch.Generator().manual_seed(0)
         with default_dtype(dtype):
-            model, loss_fn, batches = self._model_and_batches(device, dtype, gen)
+            model, loss_fn, batches = self._model_and_batches(device, dtype, gen, fake)
         return model, TrainStep(model, self.config, loss_fn), batches
 
     def _model_and_batches(
-        self, device: str, dtype: torch.dtype, gen: torch.Generator
+        self, device: str, dtype: torch.dtype, gen: torch.Generator, fake: bool = False
     ) -> tuple[nn.Module, Callable[..., tuple[Tensor, Tensor]], list[tuple[Tensor, ...]]]:
         model: nn.Module
         shape: tuple[int, ...]
@@ -152,7 +163,13 @@ class MemoryCase:
             ]
         else:
             spec = self.transformer_spec()
-            model, loss_fn = build_transformer(spec, device=device), lm_loss
+            if self.hf_config is not None:
+                from torchledger.workloads.hf import build_hf_causal_lm
+
+                model = build_hf_causal_lm(self.hf_config, device=device, dtype=dtype, fake=fake)
+            else:
+                model = build_transformer(spec, device=device)
+            loss_fn = lm_loss
             batches = [token_batch(spec, self.batch, self.seq_len, device=device, seed=i)
                        for i in range(self.config.grad_accum)]
         return model, loss_fn, batches
@@ -252,7 +269,7 @@ def simulate(case: MemoryCase, *, snapshot: str | Path | None = None) -> MemoryM
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(allow_non_fake_inputs=True):
-        return measure_built(lambda: case.build("cpu"), "simulated", snapshot=snapshot)
+        return measure_built(lambda: case.build("cpu", fake=True), "simulated", snapshot=snapshot)
 
 
 def relative_error(predicted: int, measured: int) -> float:
