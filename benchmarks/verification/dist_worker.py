@@ -34,10 +34,11 @@ class _CollectiveSizes(TorchDispatchMode):
         if func.namespace != "c10d":  # e.g. fsdp.all_gather_copy_in only fills the send buffer
             return func(*args, **(kwargs or {}))
         key = "all_gather" if ("allgather" in name or "all_gather" in name) else (
-            "reduce_scatter" if "reduce_scatter" in name else None)
+            "reduce_scatter" if "reduce_scatter" in name else ("all_reduce" if "allreduce" in name else None))
         if key is not None:
-            # all-gather: the gathered output (first argument); reduce-scatter: the full input (second argument)
-            tensors = tree_leaves(args[0] if key == "all_gather" else args[1])
+            # all-gather: the gathered output (first argument); reduce-scatter: the full input (second argument);
+            # all-reduce: the tensor (first argument)
+            tensors = tree_leaves(args[1] if key == "reduce_scatter" else args[0])
             payload = [t for t in tensors if isinstance(t, torch.Tensor)]
             self.sizes[key] = self.sizes.get(key, 0) + sum(t.numel() * t.element_size() for t in payload)
             self.calls[name] = self.calls.get(name, 0) + 1
@@ -55,11 +56,15 @@ def _state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> di
     return {"params": params, "grads": grads, "optimizer": opt}
 
 
-def run_rank(rank: int, world: int, port: int, kind: str, workload: str, out: str) -> None:
+def run_rank(rank: int, world: int, port: int, kind: str, workload: str, out: str,
+             checkpointing: str = "none", shard_group_size: int = 0) -> None:
+    """``kind``: ``ddp``, ``fsdp`` (FULL_SHARD), ``fsdp-grad-op`` (SHARD_GRAD_OP) or ``hsdp`` (a 2-D mesh of
+    ``world // shard_group_size`` replicas of ``shard_group_size`` shards)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
-        case = MemoryCase(workload, 8, TrainConfig(optimizer="adamw", optimizer_impl="foreach"),
+        case = MemoryCase(workload, 8, TrainConfig(optimizer="adamw", optimizer_impl="foreach",
+                                                   checkpointing=checkpointing),
                           seq_len=64 if workload != "mlp" else 0)
         model, step, batches = case.build("cpu")
         sizes: dict[str, int] = {}
@@ -77,13 +82,16 @@ def run_rank(rank: int, world: int, port: int, kind: str, workload: str, out: st
             ddp.register_comm_hook(None, counting_hook)
             step.model = ddp
         else:
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
+            mesh = init_device_mesh("cpu", (world // shard_group_size, shard_group_size),
+                                    mesh_dim_names=("replicate", "shard")) if kind == "hsdp" else None
             linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
             blocks = getattr(model, "blocks", None) or linears  # one unit per block (transformer) or layer (MLP)
             for block in blocks:
-                fully_shard(block)
-            fully_shard(model)
+                fully_shard(block, mesh=mesh, reshard_after_forward=kind != "fsdp-grad-op")
+            fully_shard(model, mesh=mesh)
             step.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
         step.step(batches)  # optimizer state exists from here on
         sizes.clear()
@@ -91,7 +99,8 @@ def run_rank(rank: int, world: int, port: int, kind: str, workload: str, out: st
         tracker = StorageTracker().track(model, step.optimizer)
         with tracker, spy:
             step.step(batches)
-        sizes.update(spy.sizes)
+        # DDP's buckets are counted by its hook (whose all-reduce the spy sees too)
+        sizes.update({k: v for k, v in spy.sizes.items() if kind != "ddp" or k != "all_reduce"})
         Path(out, f"rank{rank}.json").write_text(json.dumps({
             "collective_payload": sizes, "collective_calls": spy.calls, "peak": tracker.peak,
             "peak_breakdown": tracker.peak_breakdown,

@@ -176,3 +176,60 @@ def test_a_dying_rank_is_named_not_a_hang() -> None:
         mp.start_processes(die_on_rank_one, args=(2, _free_port()), nprocs=2, start_method="spawn", join=True)
     assert failure.value.error_index == 1
     assert time.monotonic() - start < 60
+
+
+def _run_ranks(kind: str, workload: str, out: Path, world: int, checkpointing: str,
+               group: int = 0) -> list[dict[str, object]]:
+    mp.start_processes(run_rank, args=(world, _free_port(), kind, workload, str(out), checkpointing, group),
+                       nprocs=world, start_method="spawn", join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "world", "group", "checkpointing"), [
+    ("fsdp", 2, None, "full"), ("fsdp", 2, None, "every-other"), ("fsdp-grad-op", 2, None, "full"),
+    ("hsdp", 4, 2, "none"), ("hsdp", 4, 2, "full"),
+])
+def test_sharded_gloo_ranks_with_checkpointing(tmp_path: Path, kind: str, world: int, group: int | None,
+                                               checkpointing: str) -> None:
+    # real collectives: FSDP2 on gloo ranks, gpt-tiny 8 x 64, fp32 AdamW, under checkpointing; hybrid sharding on 4
+    # ranks (2 replicas of 2 shards)
+    from torchledger.formulas.sharded_peak import rank_peak_bytes
+    from torchledger.formulas.timeline import StepConfig
+
+    gpt = get_preset("gpt-tiny")
+    counts = param_counts(gpt)
+    n, root = counts.total, counts.total - counts.layers
+    ranks = _run_ranks(kind, "gpt-tiny", tmp_path, world, checkpointing, group or 0)
+    predicted = rank_peak_bytes(gpt, 8, 64, StepConfig(checkpointing=checkpointing), sharding=kind, world_size=world,
+                                shard_group_size=group).peak
+    payload = D.collective_payloads(n, world_size=world, sharding=kind, root_params=root, shard_group_size=group)
+    for rank in ranks:
+        assert rank["collective_payload"] == payload
+        peak = rank["peak"]
+        assert isinstance(peak, int)
+        # asynchronous collectives may keep a reduce-scatter input a little longer: the same tolerance as above
+        assert abs(predicted - peak) / peak <= 0.02, (predicted, peak)
+
+
+@pytest.mark.slow
+def test_collectives_script_under_torchrun(tmp_path: Path) -> None:
+    # the NCCL benchmark script as docs/distributed.md runs it, here on two gloo CPU processes with small payloads
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "performance" / "collectives_torchrun.py"
+    out = tmp_path / "collectives.json"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    str(script), "--min-bytes", "4096", "--max-bytes", "65536", "--iters", "2", "--out", str(out)],
+                   check=True, timeout=120, capture_output=True)
+    record = json.loads(out.read_text())
+    assert record["world_size"] == 2 and record["backend"] == "gloo"
+    names = {r["collective"] for r in record["results"]}
+    assert names == {"all_reduce", "all_gather", "reduce_scatter"}
+    for r in record["results"]:
+        # nccl-tests' bus bandwidth: x 2(N-1)/N = 1 for an all-reduce over 2 ranks, x (N-1)/N = 1/2 otherwise
+        factor = 1.0 if r["collective"] == "all_reduce" else 0.5
+        assert r["bus_bandwidth"] == pytest.approx(r["algorithm_bandwidth"] * factor)
+        assert r["predicted_seconds"] == pytest.approx(
+            D.collective_seconds(r["collective"], r["payload_bytes"], 2, "nvlink4"))

@@ -23,11 +23,40 @@ from fractions import Fraction
 from ._validate import one_of, positive_int, positive_number
 from .memory import ModelStates, dtype_bytes, get_recipe, model_state_bytes
 
-SHARDINGS = ("ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp-grad-op")
+SHARDINGS = ("ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp-grad-op", "hsdp")
+#: the shardings :mod:`torchledger.measuring.distributed` runs with PyTorch's own code under FakeTensorMode (zero1
+#: and zero2 have no flat-sharded implementation in PyTorch; DDP's C++ reducer needs real storage)
+SIMULATED_SHARDINGS = ("zero3", "fsdp", "fsdp-grad-op", "hsdp")
+#: what each sharding shards: optimizer state (and master weights), gradients, parameters at rest; and whether the
+#: parameters are all-gathered per unit for the forward and again for the backward (``regather``)
+_SHARDED: dict[str, tuple[bool, bool, bool, bool]] = {
+    "ddp": (False, False, False, False),
+    "zero1": (True, False, False, False),
+    "zero2": (True, True, False, False),
+    "zero3": (True, True, True, True),
+    "fsdp": (True, True, True, True),
+    "fsdp-grad-op": (True, True, True, False),
+    "hsdp": (True, True, True, True),
+}
+#: FSDP2's ``MixedPrecisionPolicy`` (param_dtype: the dtype parameters are all-gathered and computed in;
+#: reduce_dtype: the dtype gradients are reduce-scattered in) that runs each recipe's step as the single-device
+#: step runs it: the ``*-mixed`` recipes keep fp32 parameters and let autocast cast per matmul, so FSDP gathers
+#: and reduces fp32; the ``*-true`` recipes gather and reduce in their own dtype.
+FSDP_POLICIES: dict[str, tuple[str, str]] = {
+    "32-true": ("float32", "float32"),
+    "16-mixed": ("float32", "float32"),
+    "bf16-mixed": ("float32", "float32"),
+    "16-true": ("float16", "float16"),
+    "bf16-true": ("bfloat16", "bfloat16"),
+    "16-mixed-master": ("float16", "float32"),
+    "bf16-mixed-master": ("bfloat16", "float32"),
+}
 __all__ = [
-    "SHARDINGS", "ShardedStates", "all_gather_bytes", "all_reduce_bytes", "bus_bandwidth", "collective_payloads",
-    "communication_bytes", "communication_seconds", "fsdp_step_phases", "reduce_scatter_bytes", "shard_elements",
-    "sharded_state_bytes",
+    "COLLECTIVES", "FSDP_POLICIES", "INTERCONNECTS", "SHARDINGS", "SIMULATED_SHARDINGS", "Interconnect",
+    "ShardedStates", "all_gather_bytes", "all_reduce_bytes", "bus_bandwidth", "collective_payloads",
+    "collective_ranks", "collective_seconds", "communication_bytes", "communication_seconds", "fsdp_policy",
+    "fsdp_step_phases", "get_interconnect", "hybrid_groups", "reduce_scatter_bytes", "ring_steps", "shard_elements",
+    "sharded_state_bytes", "step_communication_seconds",
 ]
 
 
@@ -54,6 +83,25 @@ def _ring(size: int, world_size: int) -> int:
     return -(-share.numerator // share.denominator)
 
 
+def fsdp_policy(recipe: str) -> tuple[str, str]:
+    """FSDP2's ``MixedPrecisionPolicy`` dtypes (param_dtype, reduce_dtype) for ``recipe``: :data:`FSDP_POLICIES`."""
+    return FSDP_POLICIES[get_recipe(recipe).name]
+
+
+def hybrid_groups(world_size: int, shard_group_size: int | None) -> tuple[int, int]:
+    """Hybrid sharding's mesh: (replica groups, ranks per shard group). Parameters, gradients and optimizer state
+    are sharded within a group of ``shard_group_size`` ranks (a node) and replicated across the groups."""
+    n = positive_int("world_size", world_size)
+    if shard_group_size is None:
+        raise ValueError("shard_group_size=None: hybrid sharding needs the ranks per shard group (e.g. per node)")
+    g = positive_int("shard_group_size", shard_group_size)
+    if g < 2:
+        raise ValueError(f"shard_group_size={g} shards nothing: that is ddp")
+    if n % g:
+        raise ValueError(f"shard_group_size={g} must divide world_size={n}")
+    return n // g, g
+
+
 def shard_elements(n_elements: int, world_size: int) -> int:
     """Elements per rank of a flat buffer of ``n_elements`` sharded over ``world_size`` ranks (padded up)."""
     positive_int("n_elements", n_elements)
@@ -78,7 +126,8 @@ class ShardedStates:
 
 
 def sharded_state_bytes(n_params: int, *, recipe: str = "32-true", optimizer: str = "adamw", world_size: int = 1,
-                        sharding: str = "ddp", gradient_as_bucket_view: bool = False) -> ShardedStates:
+                        sharding: str = "ddp", gradient_as_bucket_view: bool = False,
+                        shard_group_size: int | None = None) -> ShardedStates:
     """Per-rank bytes of parameters, gradients, master weights and optimizer state (at rest, between steps).
 
     Check (ZeRO, Fig. 1, 7.5B parameters, mixed precision Adam, 64 GPUs): ``zero1`` 31.4 GB, ``zero2`` 16.6 GB,
@@ -86,6 +135,10 @@ def sharded_state_bytes(n_params: int, *, recipe: str = "32-true", optimizer: st
     """
     one_of("sharding", sharding, SHARDINGS)
     n = positive_int("world_size", world_size)
+    if sharding == "hsdp":  # per rank, the states of fsdp over one shard group
+        n = hybrid_groups(n, shard_group_size)[1]
+        inner = sharded_state_bytes(n_params, recipe=recipe, optimizer=optimizer, world_size=n, sharding="fsdp")
+        return ShardedStates(inner.states, 0, sharding, world_size)
     full = model_state_bytes(n_params, recipe, optimizer)
     params, grads = full.params, full.grads
     master, opt = full.master_params, full.optimizer
@@ -101,7 +154,8 @@ def sharded_state_bytes(n_params: int, *, recipe: str = "32-true", optimizer: st
 
 
 def collective_payloads(n_params: int, *, recipe: str = "32-true", world_size: int = 2, sharding: str = "ddp",
-                        root_params: int = 0) -> dict[str, int]:
+                        root_params: int = 0, shard_group_size: int | None = None,
+                        root_regathered: bool = False) -> dict[str, int]:
     """Bytes handed to each kind of collective per optimizer step (the gathered output of an all-gather, the full
     input of a reduce-scatter or all-reduce), summed over the step's calls.
 
@@ -110,11 +164,22 @@ def collective_payloads(n_params: int, *, recipe: str = "32-true", world_size: i
     of every unit's parameters for the forward and again for the backward, except the root unit's
     (``root_params``: FSDP2 keeps the root's parameters gathered from forward to backward), and reduce-scatter of
     the gradients (ZeRO's 3 psi). ``fsdp-grad-op``: one all-gather, one reduce-scatter.
+    ``hsdp``: those of ``fsdp`` within a shard group of ``shard_group_size`` ranks, and an all-reduce of each
+    rank's gradient shard across the groups. Under FSDP, gathers are in FSDP2's ``param_dtype`` and reductions in
+    its ``reduce_dtype`` (:func:`fsdp_policy`). ``root_regathered``: the root unit is gathered for the backward as
+    well.
     NB: one micro-batch; with accumulation DDP and ZeRO-1/2 reduce once per step, FSDP gathers per micro-batch.
     """
     one_of("sharding", sharding, SHARDINGS)
     n = positive_int("world_size", world_size)
     r = get_recipe(recipe)
+    if sharding == "hsdp":
+        replicas, group = hybrid_groups(n, shard_group_size)
+        inner = collective_payloads(n_params, recipe=recipe, world_size=group, sharding="fsdp",
+                                    root_params=root_params, root_regathered=root_regathered)
+        if replicas > 1:
+            inner["all_reduce"] = shard_elements(n_params, group) * dtype_bytes(fsdp_policy(recipe)[1])
+        return inner
     if sharding == "ddp":  # replicated: no shards, any world size
         return {"all_reduce": positive_int("n_params", n_params) * dtype_bytes(r.grad_dtype)}
     padded = shard_elements(n_params, n) * n
@@ -128,20 +193,109 @@ def collective_payloads(n_params: int, *, recipe: str = "32-true", world_size: i
         return {"all_gather": params, "reduce_scatter": grads}
     if not 0 <= root_params <= n_params:
         raise ValueError(f"root_params={root_params} must be between 0 and n_params={n_params}")
-    root = root_params * dtype_bytes(r.param_dtype)
+    gather, reduce = (dtype_bytes(d) for d in fsdp_policy(recipe))
+    params, grads = padded * gather, padded * reduce
+    root = 0 if root_regathered else root_params * gather
     return {"all_gather": 2 * params - root, "reduce_scatter": grads}
 
 
 def communication_bytes(n_params: int, *, recipe: str = "32-true", world_size: int = 1, sharding: str = "ddp",
-                        root_params: int = 0) -> dict[str, int]:
+                        root_params: int = 0, shard_group_size: int | None = None) -> dict[str, int]:
     """Bytes one rank sends per optimizer step, by collective: :func:`collective_payloads` through the ring
-    algorithms' send volumes. Empty for one rank."""
+    algorithms' send volumes (under ``hsdp`` the gathers and reduce-scatters run over a shard group, the all-reduce
+    over the replicas). Empty for one rank."""
     if positive_int("world_size", world_size) == 1:
         return {}
     send = {"all_reduce": all_reduce_bytes, "all_gather": all_gather_bytes, "reduce_scatter": reduce_scatter_bytes}
     payloads = collective_payloads(n_params, recipe=recipe, world_size=world_size, sharding=sharding,
-                                   root_params=root_params)
-    return {name: send[name](size, world_size) for name, size in payloads.items()}
+                                   root_params=root_params, shard_group_size=shard_group_size)
+    return {name: send[name](size, collective_ranks(name, sharding, world_size, shard_group_size))
+            for name, size in payloads.items()}
+
+
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
+
+
+def collective_ranks(collective: str, sharding: str, world_size: int, shard_group_size: int | None = None) -> int:
+    """The ranks one collective of a step runs over: the world, or under ``hsdp`` a shard group (gathers and
+    reduce-scatters) or the replicas of a shard (the all-reduce)."""
+    one_of("collective", collective, COLLECTIVES)
+    if one_of("sharding", sharding, SHARDINGS) != "hsdp":
+        return positive_int("world_size", world_size)
+    replicas, group = hybrid_groups(world_size, shard_group_size)
+    return replicas if collective == "all_reduce" else group
+
+
+@dataclass(frozen=True)
+class Interconnect:
+    """A link between ranks for the alpha-beta model: ``bandwidth`` bytes/s one rank sends (one direction),
+    ``step_latency`` seconds per ring step and ``base_latency`` seconds per collective call, with their sources."""
+
+    name: str
+    bandwidth: float
+    bandwidth_source: str
+    step_latency: float
+    base_latency: float
+    latency_source: str
+
+
+_NCCL_TUNING = ("NCCL src/graph/tuning.cc, Ring/Simple: baseLat 8.4 us per collective; hwLat per ring step "
+                "NVLink 5.7 us, PCI 5.7 us, NET 6.6 us")
+INTERCONNECTS: dict[str, Interconnect] = {
+    "nvlink4": Interconnect(
+        "NVLink 4 / NVSwitch (H100 SXM)", 450e9,
+        "NVIDIA H100 Tensor Core GPU datasheet: NVLink 900 GB/s per GPU, both directions (450 GB/s each way)",
+        5.7e-6, 8.4e-6, _NCCL_TUNING),
+    "pcie5": Interconnect(
+        "PCIe Gen5 x16", 64e9,
+        "PCI-SIG PCI Express 5.0: 32 GT/s per lane, x16 = 64 GB/s per direction (before 128b/130b encoding)",
+        5.7e-6, 8.4e-6, _NCCL_TUNING),
+    "ib-ndr400": Interconnect(
+        "InfiniBand NDR 400 Gb/s (one port per GPU)", 50e9,
+        "NVIDIA ConnectX-7 and Quantum-2 datasheets: NDR 400 Gb/s per port = 50 GB/s per direction",
+        6.6e-6, 8.4e-6, _NCCL_TUNING),
+}
+
+
+def get_interconnect(name: str) -> Interconnect:
+    """The link called ``name`` in :data:`INTERCONNECTS`; ValueError listing them when there is none."""
+    return INTERCONNECTS[one_of("interconnect", name, INTERCONNECTS)]
+
+
+def ring_steps(collective: str, world_size: int) -> int:
+    """Steps of the ring algorithm: 2 (N - 1) for an all-reduce, N - 1 for an all-gather or reduce-scatter."""
+    n = positive_int("world_size", world_size)
+    return (2 if one_of("collective", collective, COLLECTIVES) == "all_reduce" else 1) * (n - 1)
+
+
+def collective_seconds(collective: str, payload: int, world_size: int, interconnect: str, *, calls: int = 1) -> float:
+    """Alpha-beta time of ``calls`` ring collectives moving ``payload`` bytes in all (the convention of
+    :func:`collective_payloads`) over ``world_size`` ranks on ``interconnect``: the bytes one rank sends over the
+    link's bandwidth, plus, per call, the base latency and the latency of every ring step. 0 on one rank."""
+    n = positive_int("world_size", world_size)
+    link = get_interconnect(interconnect)
+    k = positive_int("calls", calls)
+    if n == 1:
+        return 0.0
+    sent = all_reduce_bytes(payload, n) if collective == "all_reduce" else _ring(payload, n)
+    steps = ring_steps(collective, n)
+    return communication_seconds(sent, link.bandwidth, world_size=n, latency=link.step_latency,
+                                 steps=k * steps) + k * link.base_latency
+
+
+def step_communication_seconds(payloads: dict[str, int], *, sharding: str, world_size: int, interconnect: str,
+                               calls: dict[str, int] | None = None, shard_group_size: int | None = None,
+                               inter_node: str | None = None) -> dict[str, float]:
+    """Seconds of each collective of one optimizer step (``payloads`` as :func:`collective_payloads` gives them;
+    ``calls`` the number of calls of each, default one) on ``interconnect``; under ``hsdp`` the all-reduce across
+    shard groups runs on ``inter_node`` (default ``interconnect``). Whether it hides behind compute is the step-time
+    model's to say."""
+    out: dict[str, float] = {}
+    for name, size in payloads.items():
+        n = collective_ranks(name, sharding, world_size, shard_group_size)
+        link = inter_node if (sharding == "hsdp" and name == "all_reduce" and inter_node) else interconnect
+        out[name] = collective_seconds(name, size, n, link, calls=(calls or {}).get(name, 1))
+    return out
 
 
 def communication_seconds(bytes_sent: int, link_bandwidth: float, *, world_size: int = 2,
