@@ -44,7 +44,7 @@ measure gpt2-small-32-true-full --model gpt2-small --batch-size 8 --seq-len 1024
 measure llama-7b-bf16-true --model llama-7b --seq-len 512 --precision bf16-true
 
 el "verification (CUDA)"
-timeout -k 5 "$(limit 90)" $PY -m pytest benchmarks/verification -m cuda -n 8 -q -p no:cacheprovider \
+timeout -k 5 "$(limit 80)" $PY -m pytest benchmarks/verification -m cuda -n 8 -q -p no:cacheprovider \
   --junitxml="$ev/verification.xml" --ledger-memory-log="$ev/memory-cases.jsonl" \
   --ledger-snapshot-dir="$ev/snapshots" > "$ev/verification.log" 2>&1
 echo "rc=$? verification" >> "$ev/timeline.log"
@@ -56,7 +56,8 @@ group() {  # name, seconds, files...
     --benchmark-json="$ev/bench-$name.json" --benchmark-columns=min,median,iqr,rounds >> "$ev/benchmarks.log" 2>&1
   echo "rc=$? $name" >> "$ev/timeline.log"
 }
-group roofline-precision 55 benchmarks/performance/test_roofline.py benchmarks/performance/test_precision.py
+group roofline-precision 65 benchmarks/performance/test_roofline.py benchmarks/performance/test_matmul_shapes.py \
+  benchmarks/performance/test_precision.py
 group accumulation-checkpointing 75 benchmarks/performance/test_accumulation_checkpointing.py
 group dataloader 40 benchmarks/performance/test_dataloader.py
 group fusion 45 benchmarks/performance/test_fusion.py

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from benchmarks.performance.conftest import Ledger, memory_base, memory_info, peak_memory
+from benchmarks.performance.predicted import predicted_step_s
 from torchledger.formulas.activations import activation_bytes
 from torchledger.formulas.specs import get_preset
 from torchledger.formulas.vocabulary import STEP_CHECKPOINTING, checkpointed_blocks
@@ -59,7 +60,8 @@ def test_same_effective_batch(ledger: Ledger, sizes: dict[str, Any], micro_batch
     ledger.time(run, rounds=sizes["rounds"], warmup=1, samples=batch,
                 work={"model": spec.name, "batch": batch, "seq_len": seq, "micro_batches": micro_batches},
                 recipe="32-true", effective_batch=batch,
-                micro_batches=micro_batches, rel_error=grad_error, **memory_info(case, measured))
+                micro_batches=micro_batches, rel_error=grad_error, predicted_step_s=predicted_step_s(ledger, case),
+                **memory_info(case, measured))
 
 
 @pytest.mark.benchmark(group="checkpointing")
@@ -86,4 +88,5 @@ def test_checkpointing(ledger: Ledger, sizes: dict[str, Any], mode: str) -> None
                 recipe="32-true", checkpointing=mode,
                 checkpointed_blocks=len(checkpointed_blocks(mode, spec.n_layers)),
                 predicted_activation_saving=none.saved - kept.saved,
+                predicted_step_s=predicted_step_s(ledger, MemoryCase(spec.name, batch, config, seq_len=seq)),
                 **memory_info(MemoryCase(spec.name, batch, config, seq_len=seq), measured))

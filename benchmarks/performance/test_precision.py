@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from benchmarks.performance.conftest import Ledger, memory_base, memory_info, peak_memory
+from benchmarks.performance.predicted import predicted_step_s
 from torchledger.counting.hooks import sdpa_is_fused
 from torchledger.formulas import flops as F
 from torchledger.formulas.specs import MLPSpec, get_preset
@@ -125,7 +126,8 @@ def test_train_step(ledger: Ledger, sizes: dict[str, Any], workload: str, recipe
         "model": sizes["gpt"], "batch": case.batch, "seq_len": case.seq_len}
     ledger.time(run, rounds=sizes["rounds"], warmup=1, flops=flops, work=work,
                 mfu_dtype="fp32" if recipe == "32-true" else ("fp16" if recipe == "16-mixed" else "bf16"),
-                recipe=recipe, workload=workload, rel_error=rel_error, **memory_info(case, measured))
+                recipe=recipe, workload=workload, rel_error=rel_error, predicted_step_s=predicted_step_s(ledger, case),
+                **memory_info(case, measured))
 
 
 @pytest.mark.benchmark(group="precision")

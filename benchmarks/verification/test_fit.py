@@ -132,7 +132,8 @@ def test_fused_moves_the_headroom_by_at_most_the_temporaries(capsys: pytest.Capt
 def test_json_keeps_its_keys_and_adds_the_fit_only_with_gpu(capsys: pytest.CaptureFixture[str]) -> None:
     plain = run_json(capsys, "--model", "gpt-tiny", "--seq-len", "128")
     sized = run_json(capsys, "--model", "gpt-tiny", "--seq-len", "128", "--gpu", "A100 40GB")
-    added = {"gpu", "capacity_bytes", "fits", "headroom_bytes", "max_batch_size", "reserved_bytes"}
+    # the fit, and the predicted step time on that GPU (test_steptime.py checks it)
+    added = {"gpu", "capacity_bytes", "fits", "headroom_bytes", "max_batch_size", "reserved_bytes", "time"}
     assert set(sized) == set(plain) | added and not added & set(plain)
     assert {k: v for k, v in sized.items() if k not in added} == plain
     assert sized["reserved_bytes"] == {"cuda_context": CONTEXT, "cublas_workspaces": OLDER_WORKSPACES}

@@ -1,0 +1,382 @@
+"""The step-time model (formulas/steptime.py) and its calibration (reporting/calibration.py): the arithmetic of
+one op, the interpolation, the op lists against the FLOP formulas on random configurations, MFU against HFU, and
+the replay of recorded runs: every timed training step of a machine's run predicted from a calibration built only
+from that run's roofline and precision matmuls and copy bandwidth (never from the steps themselves).
+
+The replay reads recorded JSON: deterministic, no timing. Where the model holds, the prediction is within 10% (the
+H200) or 15% (the 2-core CPU) of the measured median; where it does not, a strict xfail names the measured and
+predicted figures and the suspected mechanism, so that a model that starts to hold is noticed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import seed as hypothesis_seed
+from hypothesis import strategies as st
+
+from torchledger.formulas import flops as F
+from torchledger.formulas.estimate import estimate
+from torchledger.formulas.hardware import get_device
+from torchledger.formulas.specs import MLPSpec, ModelSpec, get_preset
+from torchledger.formulas.steptime import (
+    Calibration,
+    MatmulPoint,
+    Op,
+    datasheet_calibration,
+    mlp_step_ops,
+    op_seconds,
+    optimizer_ops,
+    step_time,
+    transformer_step_ops,
+)
+from torchledger.reporting.calibration import read_calibration
+
+RESULTS = Path(__file__).resolve().parents[2] / "results"
+# The runs replayed, pinned (a later run filed beside them does not change what these tests check): the H200's
+# roofline and precision groups (one NVIDIA H200, torch 2.11, commit 59e1d7e), the 2-core CPU's second run.
+H200 = RESULTS / "cuda-nvidia-h200" / "Linux-CPython-3.12-64bit" / (
+    "0001_59e1d7e22790d6f312809e3dd5baf71958bd5dde_20261127_050941.json")
+CPU = RESULTS / "cpu-amd-epyc" / "Linux-CPython-3.11-64bit" / (
+    "0002_71749bfae053b4b47cebe6cf7c562a056ac1bb21_20261125_204629.json")
+# Seeded as test_memory_random.py is: the same examples every run unless TORCHLEDGER_RANDOM_SEED names a seed (or
+# ``random``) or the hypothesis profile is ``nightly``.
+_SEED_ENV = os.environ.get("TORCHLEDGER_RANDOM_SEED", "")
+RANDOM = _SEED_ENV != "" or os.environ.get("HYPOTHESIS_PROFILE") == "nightly"
+SEED = random.SystemRandom().randrange(2**32) if _SEED_ENV == "random" else int(_SEED_ENV or 0)
+
+
+def _cal(**kw: Any) -> Calibration:
+    base: dict[str, Any] = {"device": "test", "matmul": {"bf16": (MatmulPoint(1024, 1024, 1024, 100e12),
+                                                                  MatmulPoint(8192, 8192, 8192, 800e12))},
+                            "bandwidth": 2e12, "launch_s": 5e-6, "peaks": {"bf16": 1000e12}}
+    return Calibration(**{**base, **kw})
+
+
+def test_op_time_is_the_roofline_plus_launches() -> None:
+    cal = _cal()
+    # a 8192^3 bf16 matmul: 2 * 8192^3 FLOP at the measured 800 TFLOP/s; 3 * 8192^2 * 2 bytes at 2 TB/s
+    op = Op("mm", "forward", flops=2 * 8192**3, bytes=3 * 8192**2 * 2, shape=(8192, 8192, 8192), dtype="bf16")
+    compute, memory, launch = op_seconds(op, cal)
+    assert compute == pytest.approx(2 * 8192**3 / 800e12)
+    assert memory == pytest.approx(3 * 8192**2 * 2 / 2e12)
+    assert launch == 5e-6
+    # a copy of 1 GB read + 1 GB written: memory-bound, 2e9 / 2e12 s, plus two launches
+    t = step_time([Op("copy", "forward", bytes=2 * 10**9, launches=2)], cal, tokens=1, model_flops=0)
+    assert t.phases["forward"].seconds == pytest.approx(2e9 / 2e12 + 2 * 5e-6)
+    assert t.phases["forward"].bound == "memory"
+    assert t.step_s == pytest.approx(2e9 / 2e12 + 2 * 5e-6)
+
+
+def test_matmul_rate_interpolates_in_log_flops() -> None:
+    cal = _cal()
+    # 2048 x 2048 x 8192 = 2^35 MACs, between 1024^3 = 2^30 and 8192^3 = 2^39: in log(FLOPs) w = 5/9 of the way
+    rate = cal.matmul_rate("bf16", 2048, 2048, 8192)
+    assert rate == pytest.approx(100e12 + 5 / 9 * 700e12)
+    assert cal.matmul_rate("bf16", 64, 64, 64) == 100e12  # below the smallest measured shape: held
+    assert cal.matmul_rate("bfloat16", 16384, 16384, 16384) == 800e12  # above the largest: held
+    with pytest.raises(ValueError, match="fp32"):
+        cal.matmul_rate("fp32", 8, 8, 8)
+
+
+def test_adamw_foreach_moves_80_bytes_per_fp32_parameter() -> None:
+    # _multi_tensor_adam: mul_(p) 2, lerp_(m, g) 3, mul_(v) 2, addcmul_(v, g, g) 3, sqrt 2, div_ 2, add_ 2,
+    # addcdiv_(p, m, denom) 4 = 20 element accesses of 4 bytes
+    ops = optimizer_ops(1000, 10, optimizer="adamw", optimizer_impl="foreach")
+    assert sum(op.bytes for op in ops) == 20 * 4 * 1000
+    # fused: one kernel reading p, g, m, v and writing p, m, v
+    assert sum(op.bytes for op in optimizer_ops(1000, 10, optimizer_impl="fused")) == 7 * 4 * 1000
+    with pytest.raises(ValueError, match="optimizer_impl"):
+        optimizer_ops(1000, 10, optimizer_impl="turbo")
+
+
+def test_datasheet_fallback_is_the_peak_times_the_efficiency() -> None:
+    cal = datasheet_calibration(get_device("H100 SXM"))
+    assert cal.matmul_rate("bf16", 4096, 4096, 4096) == pytest.approx(989.4e12 * 0.75)
+    assert cal.bandwidth == pytest.approx(3.35e12 * 0.75)
+
+
+@st.composite
+def _configs(draw: st.DrawFn) -> tuple[ModelSpec, int, int, str, str, int]:
+    family: Any = draw(st.sampled_from(["gpt2", "llama", "mistral", "mixtral"]))
+    heads = draw(st.sampled_from([2, 4, 8]))
+    kv = heads if family == "gpt2" else draw(st.sampled_from([h for h in (1, 2, heads) if heads % h == 0]))
+    extra: dict[str, Any] = {}
+    if family == "mixtral":
+        experts = draw(st.integers(2, 8))
+        extra = {"n_experts": experts, "experts_per_token": draw(st.integers(1, min(2, experts)))}
+    if family == "mistral":
+        extra = {"sliding_window": draw(st.integers(1, 512))}
+    spec = ModelSpec("random", family, draw(st.integers(1, 6)), heads * draw(st.sampled_from([16, 32, 64])),
+                     heads, vocab_size=draw(st.integers(50, 5000)), max_seq_len=512, n_kv_heads=kv,
+                     d_ff=draw(st.integers(16, 1024)), **extra)
+    return (spec, draw(st.integers(1, 8)), draw(st.integers(1, 512)),
+            draw(st.sampled_from(["32-true", "bf16-mixed", "16-mixed", "bf16-true"])),
+            draw(st.sampled_from(["none", "full", "every-other"])), draw(st.integers(1, 4)))
+
+
+@settings(derandomize=not RANDOM, max_examples=60, deadline=None, database=None)
+@given(_configs())
+def test_op_list_flops_are_the_flop_formulas(config: tuple[ModelSpec, int, int, str, str, int]) -> None:
+    """The matmuls of the op list add up to flops.model_flops (fused attention recomputes QK^T; a sliding window
+    attends fewer keys), on random specs of every family."""
+    spec, batch, seq, precision, mode, accum = config
+    ops = transformer_step_ops(spec, batch, seq, precision=precision, checkpointing=mode, grad_accum=accum)
+    expected = accum * F.model_flops(spec, batch, seq, checkpointing=mode, recompute_attention_scores=True,
+                                     window=spec.sliding_window).train
+    assert sum(op.flops * op.count for op in ops) == expected
+    t = step_time(ops, _cal(matmul={d: (MatmulPoint(64, 64, 64, 1e12),) for d in ("fp32", "bf16", "fp16")}),
+                  tokens=batch * seq * accum, model_flops=1)
+    assert t.step_s > 0 and all(p.seconds >= 0 for p in t.phases.values())
+
+
+if RANDOM:  # TORCHLEDGER_RANDOM_SEED picks the examples (printed on failure, so a run can be repeated)
+    test_op_list_flops_are_the_flop_formulas = hypothesis_seed(SEED)(test_op_list_flops_are_the_flop_formulas)
+
+
+def test_mfu_and_hfu_are_named_apart() -> None:
+    # LLaMA-2-7B at 4,096 tokens with full checkpointing: the recompute is counted in the hardware FLOPs only
+    e = estimate(get_preset("llama-7b"), 1, 4096, precision="bf16-mixed", checkpointing="full")
+    d = e.to_dict()["flops"]
+    assert d["per_token_model"] == (e.flops.forward + e.flops.backward) / 4096
+    assert d["per_token_hardware"] == d["per_token_train"] == (e.flops.forward + e.flops.backward
+                                                               + e.flops.recompute) / 4096
+    assert d["per_token_hardware"] > d["per_token_model"]
+    from torchledger.formulas.planner import estimate_time
+
+    t = estimate_time(e, datasheet_calibration(get_device("H100 SXM")))
+    # MFU over the model's forward + backward; HFU over what runs: the recompute, and the QK^T that a fused
+    # attention kernel recomputes in its backward
+    assert t.model_flops == e.flops.forward + e.flops.backward
+    hardware = F.model_flops(e.spec, 1, 4096, checkpointing="full", recompute_attention_scores=True).train
+    assert t.hardware_flops == hardware
+    assert t.mfu is not None and t.hfu is not None
+    assert t.hfu == pytest.approx(t.mfu * hardware / t.model_flops)
+    assert t.mfu == pytest.approx(t.model_flops / t.step_s / 989.4e12)  # the datasheet's dense bf16 peak
+
+
+# ----------------------------------------------------------------------------------------------- replay
+
+
+def _measured(path: Path, name: str) -> float:
+    """The median of ``name`` in the run the calibration reads (the newest run of the machine, its commit's runs
+    merged)."""
+    from torchledger.reporting.results import newest_results, read_runs
+
+    (history,) = read_runs([path]).by_machine.values()
+    (result,) = [r for r in newest_results(history).results.values() if r.name.endswith(f"::{name}")]
+    return result.median
+
+
+def _predict(path: Path, case: dict[str, Any]) -> float:
+    cal = read_calibration(path)
+    if case["workload"] == "mlp":
+        ops = mlp_step_ops(MLPSpec(case["dims"]), case["batch"], precision=case["recipe"], device=cal.kind)
+    else:
+        ops = transformer_step_ops(get_preset(case["model"]), case["batch"], case["seq"], precision=case["recipe"],
+                                   checkpointing=case.get("checkpointing", "none"),
+                                   grad_accum=case.get("accum", 1), device=cal.kind)
+        if case.get("forward_only"):
+            ops = [op for op in ops if op.phase == "forward" and "softmax" not in op.name and "logits" not in op.name]
+    return step_time(ops, cal, tokens=1, model_flops=0).step_s
+
+
+# The H200's profile (benchmarks/performance/conftest.py SIZES["full"]): GPT-2 small 16 x 1024, the MLP
+# 4096-16384-16384-4096 at batch 1024; AdamW foreach.
+_H200_GPT = {"workload": "gpt", "model": "gpt2-small", "batch": 16, "seq": 1024}
+_H200_MLP = {"workload": "mlp", "dims": (4096, 16384, 16384, 4096), "batch": 1024}
+# The CPU's profile (SIZES["small"]): gpt-tiny 8 x 128, the MLP 512-2048-2048-512 at batch 32.
+_CPU_GPT = {"workload": "gpt", "model": "gpt-tiny", "batch": 8, "seq": 128}
+_CPU_MLP = {"workload": "mlp", "dims": (512, 2048, 2048, 512), "batch": 32}
+
+REPLAY: list[tuple[str, Path, str, dict[str, Any], float, str | None]] = [
+    ("h200", H200, "test_train_step[gpt-32-true]", {**_H200_GPT, "recipe": "32-true"}, 0.10, None),
+    ("h200", H200, "test_train_step[mlp-32-true]", {**_H200_MLP, "recipe": "32-true"}, 0.10, None),
+    ("h200", H200, "test_train_step[mlp-bf16-mixed]", {**_H200_MLP, "recipe": "bf16-mixed"}, 0.10, None),
+    ("h200", H200, "test_train_step[mlp-16-mixed]", {**_H200_MLP, "recipe": "16-mixed"}, 0.10, None),
+    ("h200", H200, "test_train_step[gpt-bf16-mixed]", {**_H200_GPT, "recipe": "bf16-mixed"}, 0.10,
+     "measured 72.7 ms, predicted 39.3 ms: GPT-2 small's GEMMs (k = 768) and the flash-attention kernel run well "
+     "below the 8192^3 matmul rate, the only bf16 shape the run measured; eager elementwise kernels below the copy "
+     "bandwidth"),
+    ("h200", H200, "test_train_step[gpt-16-mixed]", {**_H200_GPT, "recipe": "16-mixed"}, 0.10,
+     "measured 78.3 ms, predicted 40.1 ms: as bf16-mixed (small-k GEMMs and flash attention below the one "
+     "measured 8192^3 rate)"),
+    ("cpu", CPU, "test_train_step[gpt-32-true]", {**_CPU_GPT, "recipe": "32-true"}, 0.15, None),
+    ("cpu", CPU, "test_train_step[mlp-32-true]", {**_CPU_MLP, "recipe": "32-true"}, 0.15, None),
+    ("cpu", CPU, "test_train_step[gpt-bf16-mixed]", {**_CPU_GPT, "recipe": "bf16-mixed"}, 0.15,
+     "measured 28.9 ms, predicted 17.0 ms: oneDNN's bf16 GEMMs at gpt-tiny's shapes (k = 128) reach far less than "
+     "the 512^3 rate, and autocast's casts cost more than their bytes on 2 cores"),
+    ("cpu", CPU, "test_train_step[mlp-bf16-mixed]", {**_CPU_MLP, "recipe": "bf16-mixed"}, 0.15,
+     "measured 18.7 ms, predicted 23.2 ms: the AdamW update over 25 MB of fp32 state runs partly from the 32 MB "
+     "L3 cache, faster than the DRAM copy bandwidth the model charges"),
+    ("cpu", CPU, "test_train_step[gpt-16-mixed]", {**_CPU_GPT, "recipe": "16-mixed"}, 0.15,
+     "measured 613 ms, predicted 1,353 ms: the CPU has no fast fp16 GEMM; at gpt-tiny's shapes the fp16 path "
+     "runs faster than the 512^3 fp16 matmul measured"),
+    ("cpu", CPU, "test_train_step[mlp-16-mixed]", {**_CPU_MLP, "recipe": "16-mixed"}, 0.15,
+     "measured 853 ms, predicted 440 ms: the fp16 GEMMs at batch 32 run slower than the 512^3 fp16 matmul"),
+    ("cpu", CPU, "test_same_effective_batch[1x]", {**_CPU_GPT, "recipe": "32-true"}, 0.15,
+     "measured 38.1 ms, predicted 28.0 ms: the same step as test_train_step[gpt-32-true] and "
+     "test_checkpointing[none] of the same run (31.2 and 32.4 ms): the shared 2-core machine's noise"),
+    ("cpu", CPU, "test_same_effective_batch[4x]", {**_CPU_GPT, "batch": 2, "accum": 4, "recipe": "32-true"}, 0.15,
+     "measured 38.4 ms, predicted 31.2 ms: four micro-batches of 2 sequences: gpt-tiny's matmuls at 256 rows run "
+     "below the 512^3 rate, and the machine's noise (its 1x twin measured 38.1 ms against 31.2 ms elsewhere)"),
+    ("cpu", CPU, "test_checkpointing[none]", {**_CPU_GPT, "recipe": "32-true"}, 0.15, None),
+    # the run's "selective" checkpointed one block of two: blocks 0, 2, ... as "every-other" names it now
+    ("cpu", CPU, "test_checkpointing[selective]", {**_CPU_GPT, "recipe": "32-true",
+                                                   "checkpointing": "every-other"}, 0.15, None),
+    ("cpu", CPU, "test_checkpointing[full]", {**_CPU_GPT, "recipe": "32-true", "checkpointing": "full"}, 0.15,
+     "measured 38.5 ms, predicted 32.6 ms: checkpoint's recompute adds per-op overhead (saved-tensor hooks, a "
+     "second autograd graph) beyond the ops' launches"),
+    ("cpu", CPU, "test_compile_forward[eager]", {**_CPU_GPT, "recipe": "32-true", "forward_only": True}, 0.15,
+     "measured 10.1 ms, predicted 7.6 ms: the forward alone, gpt-tiny's matmuls (k = 128, 1,024 rows) below the "
+     "512^3 fp32 rate"),
+]
+
+
+@pytest.mark.parametrize(("machine", "path", "name", "case", "tolerance", "xfail"),
+                         [pytest.param(*r, marks=[pytest.mark.xfail(strict=True, reason=r[5])] if r[5] else [],
+                                       id=f"{r[0]}-{r[2]}") for r in REPLAY])
+def test_replay_recorded_step(machine: str, path: Path, name: str, case: dict[str, Any], tolerance: float,
+                              xfail: str | None) -> None:
+    measured = _measured(path, name)
+    predicted = _predict(path, case)
+    error = predicted / measured - 1
+    assert math.isfinite(error)
+    assert abs(error) <= tolerance, (f"{machine} {name}: predicted {predicted * 1e3:.2f} ms against measured "
+                                     f"{measured * 1e3:.2f} ms ({error:+.1%})")
+
+
+# ----------------------------------------------------------------------------------------------- calibration, CLI
+
+
+def test_calibration_reads_the_h200_run() -> None:
+    cal = read_calibration(H200)
+    assert cal.kind == "cuda" and cal.device == "NVIDIA H200"
+    # bf16 8192^3 (2 * 8192^3 = 1,099,511,627,776 FLOP): the roofline group's median 1.415394 ms and the precision
+    # group's 1.461979 ms, averaged as rates
+    flops = 2 * 8192**3
+    assert [(p.m, p.k, p.n) for p in cal.matmul["bf16"]] == [(8192, 8192, 8192)]
+    assert cal.matmul["bf16"][0].flops_per_s == pytest.approx((flops / 0.001415393999998571
+                                                               + flops / 0.0014619785000036245) / 2)
+    # the copy: 4 GiB read + written (bytes_moved 4,294,967,296) in a median 1.036936 ms
+    assert cal.bandwidth == pytest.approx(4294967296 / 0.0010369364999931463)
+    assert cal.peak("bf16") == 989.4e12  # the table's H200 SXM entry, for MFU
+
+
+def test_calibration_reads_the_cpu_run() -> None:
+    cal = read_calibration(CPU)
+    assert cal.kind == "cpu" and cal.peak("fp32") is None
+    # the newest run: fp32 at 512^3 (precision) and 1024^3 (roofline)
+    assert [p.m for p in cal.matmul["fp32"]] == [512, 1024]
+    assert cal.matmul["fp32"][1].flops_per_s == pytest.approx(2 * 1024**3 / 0.011141, rel=1e-4)
+
+
+def test_calibration_refuses_what_holds_no_run(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no benchmark run"):
+        read_calibration(tmp_path)
+    with pytest.raises(ValueError, match="machines"):
+        read_calibration(RESULTS)
+
+
+def test_estimate_gpu_prints_time(capsys: pytest.CaptureFixture[str]) -> None:
+    from torchledger.cli import main
+
+    assert main(["estimate", "--model", "llama-7b", "--seq-len", "4096", "--precision", "bf16-mixed",
+                 "--checkpointing", "full", "--gpu", "h100-sxm", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    t = out["time"]
+    assert set(t) >= {"step_s", "tokens_per_s", "mfu", "hfu", "phases"}
+    assert t["tokens_per_s"] == pytest.approx(4096 / t["step_s"])
+    assert t["step_s"] == pytest.approx(sum(p["seconds"] for p in t["phases"].values()))
+    assert all(p["bound"] in ("compute", "memory", "launch", "communication") for p in t["phases"].values())
+    assert t["phases"]["recompute"]["seconds"] > 0 and t["hfu"] > t["mfu"]
+    # the flops keys of before stay; MFU's and HFU's numerators are named apart
+    f = out["flops"]
+    assert f["per_token_train"] == f["per_token_hardware"] > f["per_token_model"]
+    assert f["per_token_model"] == (f["forward"] + f["backward"]) / 4096
+    assert main(["estimate", "--model", "gpt2-small", "--seq-len", "1024", "--batch-size", "16",
+                 "--calibration", str(H200)]) == 0
+    table = capsys.readouterr().out
+    assert "step time (predicted)" in table and "NVIDIA H200" in table and "MFU / HFU" in table
+
+
+def test_estimate_without_gpu_has_no_time(capsys: pytest.CaptureFixture[str]) -> None:
+    from torchledger.cli import main
+
+    assert main(["estimate", "--model", "gpt2-small", "--json"]) == 0
+    assert "time" not in json.loads(capsys.readouterr().out)
+
+
+def test_estimate_bad_calibration_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from torchledger.cli import main
+
+    assert main(["estimate", "--model", "gpt2-small", "--calibration", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--calibration" in err and len(err.strip().splitlines()) == 1
+
+
+def test_step_time_validates() -> None:
+    with pytest.raises(ValueError, match="communication_s"):
+        step_time([], _cal(), tokens=1, model_flops=0, communication_s=-1.0)
+    with pytest.raises(ValueError, match="phase="):
+        step_time([Op("x", "sideways", bytes=1)], _cal(), tokens=1, model_flops=0)
+    with pytest.raises(ValueError, match="bandwidth"):
+        _cal(bandwidth=0)
+
+
+def test_measured_shape_wins_over_interpolation() -> None:
+    skinny = MatmulPoint(16384, 768, 2304, 300e12)  # 2 * 16384 * 768 * 2304 FLOP, measured at 300 TFLOP/s
+    cal = _cal(matmul={"bf16": (MatmulPoint(1024, 1024, 1024, 100e12), skinny,
+                                MatmulPoint(8192, 8192, 8192, 800e12))})
+    assert cal.matmul_rate("bf16", 16384, 768, 2304) == 300e12
+    # (2304, 16384, 768) has the same FLOPs but is not the measured shape: the equal-FLOPs point's rate
+    assert cal.matmul_rate("bf16", 2304, 16384, 768) == 300e12
+    # between the skinny shape (log2 MACs = log2(16384 * 768 * 2304)) and 8192^3 (2^39): linear in log(FLOPs)
+    lo, hi = math.log(16384 * 768 * 2304), math.log(8192**3)
+    x = math.log(4096 * 4096 * 4096)
+    assert cal.matmul_rate("bf16", 4096, 4096, 4096) == pytest.approx(300e12 + (x - lo) / (hi - lo) * 500e12)
+
+
+def test_communication_is_its_own_phase() -> None:
+    from torchledger.formulas.planner import config_time
+
+    cal = datasheet_calibration(get_device("H100 SXM"))
+    one = config_time(get_preset("gpt2-small"), 4, 1024, cal, precision="bf16-mixed")
+    ddp = config_time(get_preset("gpt2-small"), 4, 1024, cal, precision="bf16-mixed", world_size=8,
+                      link_bandwidth=50e9)
+    assert one.phases["communication"].seconds == 0
+    # DDP all-reduces the fp32 gradients once per step: a ring sends 2 (N - 1) / N of them per rank
+    sent = 2 * 7 * 124_439_808 * 4 / 8
+    assert ddp.phases["communication"].seconds == pytest.approx(sent / 50e9, rel=1e-6)
+    assert ddp.phases["communication"].bound == "communication"
+    assert ddp.step_s == pytest.approx(one.step_s + sent / 50e9, rel=1e-6)
+    assert ddp.tokens_per_s == pytest.approx(8 * 4 * 1024 / ddp.step_s)  # over all ranks
+
+
+def test_estimate_time_takes_the_interconnects_seconds(capsys: pytest.CaptureFixture[str]) -> None:
+    from torchledger.cli import main
+
+    args = ["estimate", "--model", "llama-tiny", "--world-size", "8", "--sharding", "fsdp", "--gpu", "h100-sxm",
+            "--json"]
+    assert main([*args, "--interconnect", "nvlink4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    total = out["communication_time"]["seconds"]["total"]
+    assert out["time"]["phases"]["communication"]["seconds"] == pytest.approx(total)
+
+
+def test_estimate_on_a_gpu_without_the_dtype_keeps_the_fit(capsys: pytest.CaptureFixture[str]) -> None:
+    from torchledger.cli import main
+
+    # the T4 has no bf16 tensor-core path in the table: the fit is answered, the time is not predicted
+    assert main(["estimate", "--model", "gpt-tiny", "--gpu", "t4", "--precision", "bf16-mixed", "--json"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert "time" not in out and out["fits"] is True
+    assert "no step time: T4 has no bf16 matmul path" in captured.err

@@ -1,0 +1,531 @@
+"""Step time: a per-op roofline over the ops of one training step, with ceilings taken from a calibration.
+
+Every op of the step is listed analytically from the spec (:func:`transformer_step_ops`, :func:`mlp_step_ops`):
+each matmul with its shape and dtype, every memory-bound op (norms, activations, casts, residual adds, the
+attention kernel's traffic, the embedding, the loss, the optimizer's update) with the bytes it reads and writes in
+the recipe's dtypes. One op takes
+
+    time = max(FLOPs / achievable FLOP/s for its dtype and shape, bytes / achievable bandwidth) + launches x overhead
+
+(the roofline of Williams et al. 2009 per op, as PyTorch's ``RuntimeEstimator`` estimates each op; the overhead is
+the fixed cost of issuing one kernel or eager op), and the phases (forward, backward, recompute, optimizer) are the
+sums of their ops. Communication is an input in seconds (from the sharding model, :mod:`.distributed`), added as
+exposed time: no overlap with the backward is assumed, so it is an upper bound where the framework overlaps.
+
+The ceilings come from a :class:`Calibration`: achievable matmul FLOP/s at a few measured shapes per dtype, the
+achievable memory bandwidth (a device-to-device copy) and the per-launch overhead. A matmul's rate is the
+measured rate of its very shape where the calibration has it, else interpolated piecewise-linearly in log(FLOPs of
+the matmul) between the measured shapes of its dtype and held at the nearest measured shape outside them (NB: a
+shape smaller than every measured one gets the smallest one's rate; the bytes term of the roofline is what slows
+small and skinny matmuls then). The attention kernel is costed as a matmul of its batched QK^T shape (NB: flash
+attention reaches less of the peak than a GEMM of its FLOPs). Where no run exists, :func:`datasheet_calibration`
+takes the hardware table's peaks scaled by :data:`DATASHEET_EFFICIENCY`.
+
+MFU (PaLM, Chowdhery et al. 2022, App. B) counts the model's FLOPs (forward and backward, no recomputation); HFU
+counts the FLOPs the hardware runs (recomputation included). Both are over the dense datasheet peak of the
+recipe's compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import Any
+
+from ._validate import non_negative_int, one_of, positive_int, positive_number
+from .flops import attention_backward_flops, attention_flops, matmul_flops
+from .hardware import DeviceSpec, peak_dtype
+from .memory import dtype_bytes, get_recipe
+from .specs import MLPSpec, ModelSpec, check_seq_len, param_counts
+from .vocabulary import OPTIMIZER_IMPLS, OPTIMIZERS, STEP_CHECKPOINTING, checkpointed_blocks
+
+__all__ = [
+    "BOUNDS", "DATASHEET_EFFICIENCY", "LAUNCH_OVERHEAD_S", "PHASES", "Calibration", "MatmulPoint", "Op",
+    "PhaseTime", "StepTime", "datasheet_calibration", "mlp_step_ops", "op_seconds", "optimizer_ops", "step_time",
+    "transformer_step_ops",
+]
+
+PHASES: tuple[str, ...] = ("forward", "backward", "recompute", "optimizer", "communication")
+BOUNDS: tuple[str, ...] = ("compute", "memory", "launch", "communication")
+
+# PyTorch's RuntimeEstimator (torch/distributed/_tools/runtime_estimator.py) takes 0.75 of the datasheet FLOP/s as
+# what a matmul achieves; the same fraction is applied here to the datasheet bandwidth where no run was measured.
+# NB: the one GPU run at hand (H200) reached 0.75-0.79 of the matmul peaks and 0.86 of the bandwidth.
+DATASHEET_EFFICIENCY = 0.75
+
+# The fixed cost of one kernel launch or eager op, by device kind, where a calibration does not measure it.
+# CUDA: a kernel launch costs a few microseconds (NVIDIA, "Getting Started with CUDA Graphs", 2019); on the CPU an
+# eager op passes the Python binding, the dispatcher and autograd's recording, about 10 us (PyTorch's
+# "Performance Tuning Guide" on framework overhead for small ops). Neither is fitted to this project's runs.
+LAUNCH_OVERHEAD_S: dict[str, float] = {"cuda": 5e-6, "cpu": 10e-6}
+
+# CUDA foreach kernels (aten/src/ATen/native/cuda/MultiTensorApply.cuh): each launch takes at most 36 tensors for a
+# 4-list op (110, 64, 48, 36 for 1 to 4 lists) and 320 blocks of 65,536 elements.
+_FOREACH_TENSORS = 36
+_FOREACH_ELEMENTS = 320 * 65536
+
+
+@dataclass(frozen=True)
+class MatmulPoint:
+    """One measured matmul: (m, k) x (k, n) at ``flops_per_s`` achieved."""
+
+    m: int
+    k: int
+    n: int
+    flops_per_s: float
+
+    @property
+    def flops(self) -> int:
+        return matmul_flops(self.m, self.k, self.n)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The achievable ceilings of one machine: matmul FLOP/s by peak dtype at measured shapes, bandwidth (bytes/s,
+    read plus written), the per-launch overhead in seconds, and where they came from."""
+
+    device: str
+    matmul: dict[str, tuple[MatmulPoint, ...]]
+    bandwidth: float
+    launch_s: float
+    kind: str = "cuda"
+    peaks: dict[str, float] = field(default_factory=dict)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        positive_number("bandwidth", self.bandwidth)
+        if not (isinstance(self.launch_s, (int, float)) and self.launch_s >= 0):
+            raise ValueError(f"launch_s={self.launch_s!r} must be a number >= 0")
+        one_of("kind", self.kind, ("cuda", "cpu"))
+        for dtype, points in self.matmul.items():
+            if not points:
+                raise ValueError(f"matmul[{dtype!r}] holds no measured shape")
+            for p in points:
+                positive_number(f"matmul[{dtype!r}].flops_per_s", p.flops_per_s)
+
+    def matmul_rate(self, dtype: str, m: int, k: int, n: int) -> float:
+        """Achievable FLOP/s of an (m, k) x (k, n) matmul in ``dtype``: the measured rate of that very shape, else
+        interpolated in log(FLOPs) between the measured shapes of that dtype (shapes of equal FLOPs averaged),
+        held at the nearest one outside them."""
+        key = peak_dtype(dtype)
+        points = self.matmul.get(key)
+        if not points:
+            raise ValueError(f"dtype={dtype!r}: the calibration of {self.device} has no matmul of that dtype "
+                             f"(has: {', '.join(sorted(self.matmul)) or 'none'})")
+        same = [p.flops_per_s for p in points if (p.m, p.k, p.n) == (m, k, n)]
+        if same:
+            return sum(same) / len(same)
+        by_flops: dict[int, list[float]] = {}
+        for p in points:
+            by_flops.setdefault(p.flops, []).append(p.flops_per_s)
+        ordered = [(math.log(f), sum(r) / len(r)) for f, r in sorted(by_flops.items())]
+        x = math.log(matmul_flops(m, k, n))
+        if x <= ordered[0][0]:
+            return ordered[0][1]
+        for (x0, r0), (x1, r1) in pairwise(ordered):
+            if x <= x1:
+                return r0 + (x - x0) / (x1 - x0) * (r1 - r0)
+        return ordered[-1][1]
+
+    def peak(self, dtype: str) -> float | None:
+        """The datasheet peak of ``dtype`` (for MFU), None where the machine has no table entry."""
+        return self.peaks.get(peak_dtype(dtype))
+
+
+def datasheet_calibration(dev: DeviceSpec, *, efficiency: float = DATASHEET_EFFICIENCY) -> Calibration:
+    """A calibration from the hardware table alone: every dtype's peak and the memory bandwidth times
+    ``efficiency`` (a large square matmul stands for every shape), and the CUDA launch overhead."""
+    if not 0 < efficiency <= 1:
+        raise ValueError(f"efficiency={efficiency!r} must be in (0, 1]")
+    big = 8192
+    matmul: dict[str, tuple[MatmulPoint, ...]] = {
+        d: (MatmulPoint(big, big, big, rate * efficiency),) for d, rate in dev.peaks.items()}
+    return Calibration(dev.name, matmul, dev.memory_bandwidth * efficiency, LAUNCH_OVERHEAD_S["cuda"], "cuda",
+                       dict(dev.peaks), f"{dev.source} x {efficiency} (no measured run)")
+
+
+@dataclass(frozen=True)
+class Op:
+    """One op of a step (or ``count`` identical ones): its FLOPs, the bytes it reads and writes, its matmul shape
+    (m, k, n) and dtype where it is a matmul, and the kernels it launches."""
+
+    name: str
+    phase: str
+    flops: int = 0
+    bytes: int = 0
+    shape: tuple[int, int, int] | None = None
+    dtype: str = "fp32"
+    launches: int = 1
+    count: int = 1
+
+
+def op_seconds(op: Op, cal: Calibration) -> tuple[float, float, float]:
+    """(compute, memory, launch) seconds of one instance of ``op``: its time is max(compute, memory) + launch."""
+    compute = 0.0
+    if op.flops:
+        m, k, n = op.shape if op.shape is not None else (1, 1, max(1, op.flops // 2))
+        compute = op.flops / cal.matmul_rate(op.dtype, m, k, n)
+    return compute, op.bytes / cal.bandwidth, op.launches * cal.launch_s
+
+
+@dataclass(frozen=True)
+class PhaseTime:
+    """Seconds of one phase, split by what bounds each op, and the bound that takes most of the phase."""
+
+    seconds: float
+    compute_s: float
+    memory_s: float
+    launch_s: float
+    bound: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, "bound": self.bound, "compute_s": self.compute_s,
+                "memory_s": self.memory_s, "launch_s": self.launch_s}
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """The predicted time of one optimizer step, by phase, with throughput and utilization (per rank: ``tokens``,
+    ``model_flops`` and ``hardware_flops`` are one rank's)."""
+
+    phases: dict[str, PhaseTime]
+    tokens: int
+    model_flops: int
+    hardware_flops: int
+    peak_flops: float | None
+    calibration: str
+    ranks: int = 1  # data-parallel ranks, each running ``tokens`` per step
+
+    @property
+    def step_s(self) -> float:
+        return sum(p.seconds for p in self.phases.values())
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Tokens per second over all ranks."""
+        return self.tokens * self.ranks / self.step_s
+
+    @property
+    def mfu(self) -> float | None:
+        """Model FLOPs (no recomputation) per second over the datasheet peak (PaLM's MFU)."""
+        return None if not self.peak_flops else self.model_flops / self.step_s / self.peak_flops
+
+    @property
+    def hfu(self) -> float | None:
+        """Hardware FLOPs (recomputation included) per second over the datasheet peak."""
+        return None if not self.peak_flops else self.hardware_flops / self.step_s / self.peak_flops
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step_s": self.step_s, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu, "hfu": self.hfu,
+                "model_flops": self.model_flops, "hardware_flops": self.hardware_flops,
+                "phases": {k: v.to_dict() for k, v in self.phases.items()}, "calibration": self.calibration}
+
+
+def step_time(ops: list[Op], cal: Calibration, *, tokens: int, model_flops: int, hardware_flops: int | None = None,
+              compute_dtype: str = "fp32", communication_s: float = 0.0) -> StepTime:
+    """Sum the roofline times of ``ops`` by phase; ``communication_s`` is the exposed communication of the step.
+
+    ``model_flops``: the step's FLOPs without recomputation (for MFU); ``hardware_flops``: with it (for HFU;
+    default: the FLOPs of ``ops``). ``compute_dtype`` picks the peak that MFU and HFU are taken over."""
+    positive_int("tokens", tokens)
+    non_negative_int("model_flops", model_flops)
+    if not (isinstance(communication_s, (int, float)) and communication_s >= 0):
+        raise ValueError(f"communication_s={communication_s!r} must be a number >= 0")
+    parts: dict[str, list[float]] = {p: [0.0, 0.0, 0.0] for p in PHASES}
+    hw = 0
+    for op in ops:
+        if op.phase not in parts:
+            raise ValueError(f"op {op.name!r}: phase={op.phase!r} is not one of {', '.join(PHASES)}")
+        c, m, launch = op_seconds(op, cal)
+        part = parts[op.phase]
+        part[0 if c >= m else 1] += max(c, m) * op.count
+        part[2] += launch * op.count
+        hw += op.flops * op.count
+    phases: dict[str, PhaseTime] = {}
+    for name, (c, m, launch) in parts.items():
+        if name == "communication":
+            phases[name] = PhaseTime(float(communication_s), 0.0, 0.0, 0.0, "communication")
+            continue
+        seconds = c + m + launch
+        bound = max((("compute", c), ("memory", m), ("launch", launch)), key=lambda kv: kv[1])[0]
+        phases[name] = PhaseTime(seconds, c, m, launch, bound)
+    return StepTime(phases, tokens, model_flops, hw if hardware_flops is None else hardware_flops,
+                    cal.peak(compute_dtype), cal.device)
+
+
+# --------------------------------------------------------------------------------------------------- op lists
+
+
+@dataclass
+class _Builder:
+    """Collects ops; dtype sizes of the recipe; phase set per call."""
+
+    compute: str  # peak dtype of the matmuls
+    c: int  # bytes of a compute-dtype element
+    a: int  # bytes of a residual-stream element (fp32 under autocast)
+    p: int  # parameter bytes
+    g: int  # gradient bytes
+    autocast: bool
+    ops: list[Op] = field(default_factory=list)
+
+    def mem(self, name: str, phase: str, nbytes: int, count: int = 1, launches: int = 1) -> None:
+        if count and nbytes >= 0:
+            self.ops.append(Op(name, phase, bytes=nbytes, launches=launches, count=count))
+
+    def mm(self, name: str, phase: str, m: int, k: int, n: int, count: int = 1, *, groups: int = 1,
+           split: int = 0) -> None:
+        """An (m, k) x (k, n) matmul in the compute dtype, reading A and B and writing C once; ``groups`` such
+        matmuls side by side (a Mixture of Experts' experts) share the rows of dimension ``split`` (0: m, 1: k),
+        and each runs at the rate of its own shape."""
+        shape = [m, k, n]
+        shape[split] = max(1, shape[split] // groups)
+        # each group has its own second operand (split 0: a (k, n) weight) or its own output (split 1: an (m, n)
+        # weight gradient): groups - 1 more of them are read or written
+        self.ops.append(Op(name, phase, flops=matmul_flops(m, k, n),
+                           bytes=(m * k + k * n + m * n + (groups - 1) * (n * (k if split == 0 else m))) * self.c,
+                           shape=(shape[0], shape[1], shape[2]), dtype=self.compute, count=count))
+
+    def linear(self, name: str, tokens: int, d_in: int, d_out: int, bias: bool, fwd_phases: list[tuple[str, int]],
+               bwd_count: int, *, input_grad: bool = True, input_cast: bool = True, experts: int = 1) -> None:
+        """A Linear layer: forward (per entry of ``fwd_phases``, (phase, count)), and its backward ``bwd_count``
+        times. Under autocast the weight (and the input, when it arrives in fp32) is cast to the compute dtype.
+        ``experts``: that many such layers share the ``tokens`` rows (a Mixture of Experts)."""
+        w = (d_in * d_out + (d_out if bias else 0)) * experts
+        for phase, count in fwd_phases:
+            if self.autocast:
+                self.mem(f"{name}.cast_weight", phase, w * (self.p + self.c), count)
+                if input_cast:
+                    self.mem(f"{name}.cast_input", phase, tokens * d_in * (self.a + self.c), count)
+            self.mm(name, phase, tokens, d_in, d_out, count, groups=experts)
+        if not bwd_count:
+            return
+        if input_grad:
+            self.mm(f"{name}.dgrad", "backward", tokens, d_out, d_in, bwd_count, groups=experts)
+            if self.autocast and input_cast:
+                self.mem(f"{name}.cast_input.backward", "backward", tokens * d_in * (self.c + self.a), bwd_count)
+        self.mm(f"{name}.wgrad", "backward", d_out, tokens, d_in, bwd_count, groups=experts, split=1)
+        if bias:
+            self.mem(f"{name}.bias_grad", "backward", tokens * d_out * self.c, bwd_count)
+        if self.autocast:  # the grad of the cast: back to the parameter's dtype
+            self.mem(f"{name}.cast_weight.backward", "backward", w * (self.c + self.g), bwd_count)
+
+
+def optimizer_ops(n_params: int, n_tensors: int, *, optimizer: str = "adamw", optimizer_impl: str = "foreach",
+                  param_bytes: int = 4, grad_bytes: int = 4, state_bytes: int = 4, master_bytes: int = 0,
+                  device: str = "cuda") -> list[Op]:
+    """The optimizer's update as memory-bound ops, by the kernels PyTorch's implementations run
+    (torch/optim/adam.py ``_multi_tensor_adam``, sgd.py): bytes read and written per element and launches.
+
+    AdamW, foreach: mul_(p) [2p], lerp_(m, g) [2s + g], mul_(v) [2s], addcmul_(v, g, g) [2s + g], sqrt(v) [2s],
+    div_ [2s], add_(eps) [2s], addcdiv_(p, m, denom) [2p + 2s]: 4p + 14s + 2g bytes per parameter (80 in fp32);
+    Adam skips the first. Fused: one kernel reading p, g, m, v and writing p, m, v. SGD: add_(p, g); with momentum
+    mul_(buf), add_(buf, g), add_(p, buf). Master weights (``master_bytes``): the update runs on the fp32 copy,
+    which is then copied to the parameters. NB: launches follow CUDA's foreach chunking
+    (MultiTensorApply.cuh); on the CPU, and for ``for-loop``, every op runs once per tensor.
+    """
+    one_of("optimizer", optimizer, OPTIMIZERS)
+    one_of("optimizer_impl", optimizer_impl, OPTIMIZER_IMPLS)
+    positive_int("n_params", n_params)
+    positive_int("n_tensors", n_tensors)
+    p, g, s = (master_bytes or param_bytes), grad_bytes, state_bytes
+    if optimizer in ("adam", "adamw"):
+        kernels = [2 * s + g, 2 * s, 2 * s + g, 2 * s, 2 * s, 2 * s, 2 * p + 2 * s]
+        if optimizer == "adamw":
+            kernels.insert(0, 2 * p)
+        fused = 2 * p + g + 4 * s
+    elif optimizer == "momentum":
+        kernels = [2 * s, 2 * s + g, 2 * p + s]
+        fused = 2 * p + g + 2 * s
+    else:
+        kernels = [2 * p + g]
+        fused = 2 * p + g
+    if optimizer_impl == "fused":
+        kernels = [fused]
+    if device == "cuda" and optimizer_impl != "for-loop":
+        launches = max(-(-n_tensors // _FOREACH_TENSORS), -(-n_params // _FOREACH_ELEMENTS))
+    else:
+        launches = n_tensors
+    ops = [Op(f"{optimizer}.{optimizer_impl}[{i}]", "optimizer", bytes=b * n_params, launches=launches)
+           for i, b in enumerate(kernels)]
+    if master_bytes:
+        ops.append(Op("master_to_params", "optimizer", bytes=(master_bytes + param_bytes) * n_params,
+                      launches=launches))
+    return ops
+
+
+def _recipe_builder(precision: str) -> tuple[_Builder, Any]:
+    r = get_recipe(precision)
+    compute = "fp32" if r.compute_dtype == "float32" else peak_dtype(r.compute_dtype)
+    c = dtype_bytes(r.compute_dtype)
+    return _Builder(compute, c, dtype_bytes(r.param_dtype), dtype_bytes(r.param_dtype), dtype_bytes(r.grad_dtype),
+                    r.autocast), r
+
+
+def _tail_ops(b: _Builder, r: Any, n_params: int, n_tensors: int, *, optimizer: str, optimizer_impl: str,
+              device: str, grad_accum: int, shards: int = 1) -> None:
+    """Gradient accumulation's adds, GradScaler's unscale (``16-mixed``) and the optimizer, the last two over one
+    rank's ``1 / shards`` of the parameters (ZeRO and FSDP shard gradients and optimizer state)."""
+    if grad_accum > 1:  # later micro-batches add into .grad: read both, write one
+        b.mem("grad_accumulate", "backward", 3 * n_params * b.g, grad_accum - 1)
+    n_params = -(-n_params // positive_int("shards", shards))
+    if r.name == "16-mixed":  # GradScaler.unscale_: _amp_foreach_non_finite_check_and_unscale_ reads, writes grads
+        launches = -(-n_tensors // _FOREACH_TENSORS) if device == "cuda" else n_tensors
+        b.mem("grad_scaler.unscale", "optimizer", 2 * n_params * b.g, launches=launches)
+    master = dtype_bytes(r.master_dtype) if r.master_dtype else 0
+    b.ops.extend(optimizer_ops(n_params, n_tensors, optimizer=optimizer, optimizer_impl=optimizer_impl,
+                               param_bytes=b.p, grad_bytes=b.g, state_bytes=dtype_bytes(r.optimizer_dtype),
+                               master_bytes=master, device=device))
+
+
+def transformer_step_ops(
+    spec: ModelSpec,
+    batch: int,
+    seq_len: int,
+    *,
+    precision: str = "32-true",
+    optimizer: str = "adamw",
+    optimizer_impl: str = "foreach",
+    checkpointing: str = "none",
+    grad_accum: int = 1,
+    device: str = "cuda",
+    fused_attention: bool = True,
+    shards: int = 1,
+) -> list[Op]:
+    """Every op of one optimizer step of the reference transformer of ``spec`` (``grad_accum`` micro-batches of
+    ``batch`` x ``seq_len`` tokens), read from the spec's fields: projections of width q_dim + 2 kv_dim, MLP of
+    ``mlp_matrices`` matrices (a gated MLP multiplies two of them elementwise), norms with ``norm_params`` per
+    layer, biases where ``bias``, a position table where the spec has one, the LM head (tied or not).
+
+    Memory-bound ops, bytes read + written: norm 2 tensors forward, 5 backward (dx, and the weight grads read x
+    and dy again); activation 2 forward, 3 backward; residual add 3 forward, and one gradient add (3) where the
+    stream branches; the attention kernel reads q, k, v and writes its output (backward: reads q, k, v, out, dout,
+    writes dq, dk, dv), plus the transpose back to (B, T, H D) and, backward, the concatenation of dq, dk, dv;
+    cross-entropy: log_softmax over the logits (autocast casts them to fp32 first) and its backward, with the
+    one-hot gradient written densely. ``fused_attention``: the kernel recomputes QK^T in its backward (flash,
+    memory-efficient, PyTorch's CPU flash) instead of the math path's saved scores. ``shards``: the ranks that
+    split the gradients' unscaling and the optimizer's update (ZeRO, FSDP; 1 for DDP).
+    NB: checkpointed blocks are recomputed whole (early stop skips the last matmul: counted, as
+    :func:`~torchledger.formulas.flops.model_flops` does, by leaving out the MLP's down projection).
+    """
+    positive_int("batch", batch)
+    check_seq_len(spec, seq_len)
+    positive_int("grad_accum", grad_accum)
+    one_of("checkpointing", checkpointing, STEP_CHECKPOINTING)
+    one_of("device", device, ("cuda", "cpu"))
+    b, r = _recipe_builder(precision)
+    n, d, f, L = batch * seq_len, spec.d_model, spec.d_ff, spec.n_layers
+    q, kv, hd = spec.q_dim, spec.kv_dim, spec.head_dim
+    ga = grad_accum
+    ckpt = len(checkpointed_blocks(checkpointing, L))
+    counts = param_counts(spec)
+    norm_tensors = max(1, spec.norm_params // d)
+    bias = bool(spec.bias)
+    a, c = b.a, b.c
+    gated = spec.mlp_matrices == 3
+    # Block forward phases: every block in the forward; the checkpointed ones again in the recompute.
+    block_fwd = [("forward", L * ga)] + ([("recompute", ckpt * ga)] if ckpt else [])
+    no_last = [("forward", L * ga)] + ([("recompute", 0)] if ckpt else [])  # early stop: down proj not re-run
+    bwd = L * ga
+
+    def mem_fwd(name: str, nbytes: int) -> None:
+        for phase, count in block_fwd:
+            b.mem(name, phase, nbytes, count)
+
+    # embeddings (lookups: read the rows, write the activations) and their backward (zeroed table, scatter-add)
+    b.mem("embedding", "forward", 2 * n * d * a, ga)
+    b.mem("embedding.backward", "backward", spec.vocab_size * d * b.g + 2 * n * d * b.g, ga)
+    if counts.position_embedding:
+        b.mem("position_embedding+add", "forward", 4 * n * d * a, ga)
+        b.mem("position_embedding.backward", "backward", counts.position_embedding * b.g + 2 * n * d * b.g, ga)
+    # blocks
+    mem_fwd("norm_1", 2 * n * d * a)
+    b.mem("norm_1.backward", "backward", 5 * n * d * a, bwd)
+    b.linear("attn.qkv", n, d, q + 2 * kv, bias, block_fwd, bwd)
+    heads = batch * spec.n_heads
+    window = getattr(spec, "sliding_window", None)
+    windowed: dict[str, Any] = {} if window is None else {"window": window}
+    att_fwd = attention_flops(batch, spec.n_heads, seq_len, seq_len, hd, **windowed)
+    att_bwd = attention_backward_flops(batch, spec.n_heads, seq_len, seq_len, hd, recompute_scores=fused_attention,
+                                       **windowed)
+    for phase, count in block_fwd:
+        if count:
+            b.ops.append(Op("attention", phase, flops=att_fwd, bytes=n * (2 * q + 2 * kv) * c,
+                            shape=(heads * seq_len, hd, seq_len), dtype=b.compute, count=count))
+    b.ops.append(Op("attention.backward", "backward", flops=att_bwd, bytes=n * (4 * q + 4 * kv) * c,
+                    shape=(heads * seq_len, hd, seq_len), dtype=b.compute, count=bwd))
+    mem_fwd("attention.transpose", 2 * n * q * c)
+    b.mem("attention.transpose.backward", "backward", 2 * n * q * c, bwd)
+    b.mem("qkv_grad.cat", "backward", 2 * n * (q + 2 * kv) * c, bwd)
+    b.linear("attn.out", n, q, d, bias, block_fwd, bwd, input_cast=False)
+    mem_fwd("residual_add_1", n * d * (2 * a + c))
+    b.mem("residual_grad_add_1", "backward", 3 * n * d * a, bwd)
+    mem_fwd("norm_2", 2 * n * d * a)
+    b.mem("norm_2.backward", "backward", 5 * n * d * a, bwd)
+    # A Mixture of Experts: the router's logits, and n x k token-rows through the experts' matrices, gathered
+    # before them and scattered (weighted) back after. NB: the router's softmax and top-k are left out.
+    experts, active = getattr(spec, "experts", 1), getattr(spec, "active_experts", 1)
+    rows = n * active
+    if experts > 1:
+        b.linear("moe.router", n, d, experts, False, block_fwd, bwd)
+        mem_fwd("moe.dispatch", 2 * rows * d * c)
+        b.mem("moe.dispatch.backward", "backward", 2 * rows * d * c, bwd)
+        mem_fwd("moe.combine", 3 * rows * d * c)
+        b.mem("moe.combine.backward", "backward", 4 * rows * d * c, bwd)
+    for name in (("mlp.gate", "mlp.up") if gated else ("mlp.fc",)):
+        b.linear(name, rows, d, f, bias, block_fwd, bwd, input_cast=experts == 1, experts=experts)
+    mem_fwd("mlp.act", 2 * rows * f * c)
+    b.mem("mlp.act.backward", "backward", 3 * rows * f * c, bwd)
+    if gated:
+        mem_fwd("mlp.gate*up", 3 * rows * f * c)
+        b.mem("mlp.gate*up.backward", "backward", 4 * rows * f * c, bwd)
+    # early stop: a dense block's down projection is not re-run (nothing saves its output); an MoE combine saves it
+    b.linear("mlp.down", rows, f, d, bias, no_last if experts == 1 else block_fwd, bwd, input_cast=False,
+             experts=experts)
+    mem_fwd("residual_add_2", n * d * (2 * a + c))
+    b.mem("residual_grad_add_2", "backward", 3 * n * d * a, bwd)
+    # final norm, head, loss
+    b.mem("final_norm", "forward", 2 * n * d * a, ga)
+    b.mem("final_norm.backward", "backward", 5 * n * d * a, ga)
+    b.linear("lm_head", n, d, spec.vocab_size, False, [("forward", ga)], ga)
+    if spec.tied_embeddings:  # the head's weight grad and the embedding's meet in one .grad
+        b.mem("tied_grad_add", "backward", 3 * spec.vocab_size * d * b.g, ga)
+    nv = n * spec.vocab_size
+    if b.autocast:  # autocast runs cross_entropy in fp32: cast the logits, and the gradient back
+        b.mem("logits.cast", "forward", nv * (c + 4), ga)
+        b.mem("logits.cast.backward", "backward", nv * (4 + c), ga)
+    b.mem("log_softmax", "forward", 2 * nv * 4 if b.autocast else 2 * nv * a, ga)
+    b.mem("nll+log_softmax.backward", "backward", 4 * nv * (4 if b.autocast else a), ga, launches=3)
+    mlp_tensors = spec.mlp_matrices * experts + int(experts > 1)
+    n_tensors = 1 + int(bool(counts.position_embedding)) + norm_tensors * (2 * L + 1) + L * (
+        2 + mlp_tensors + (2 + mlp_tensors) * int(bias)) + int(not spec.tied_embeddings)
+    _tail_ops(b, r, counts.total, n_tensors, optimizer=optimizer, optimizer_impl=optimizer_impl, device=device,
+              grad_accum=ga, shards=shards)
+    return [op for op in b.ops if op.count]
+
+
+def mlp_step_ops(spec: MLPSpec, batch: int, *, precision: str = "32-true", optimizer: str = "adamw",
+                 optimizer_impl: str = "foreach", grad_accum: int = 1, device: str = "cuda") -> list[Op]:
+    """Every op of one optimizer step of the reference MLP (Linear layers with ReLU between them, cross-entropy
+    over the last layer's outputs): the first layer skips its data-grad (the input needs none)."""
+    positive_int("batch", batch)
+    positive_int("grad_accum", grad_accum)
+    one_of("device", device, ("cuda", "cpu"))
+    b, r = _recipe_builder(precision)
+    ga = grad_accum
+    layers = list(pairwise(spec.dims))
+    for i, (d_in, d_out) in enumerate(layers):
+        b.linear(f"linear{i}", batch, d_in, d_out, True, [("forward", ga)], ga, input_grad=i > 0,
+                 input_cast=i == 0)
+        if i < len(layers) - 1:
+            b.mem(f"relu{i}", "forward", 2 * batch * d_out * b.c, ga)
+            b.mem(f"relu{i}.backward", "backward", 3 * batch * d_out * b.c, ga)
+    out = batch * spec.dims[-1]
+    if b.autocast:
+        b.mem("logits.cast", "forward", out * (b.c + 4), ga)
+        b.mem("logits.cast.backward", "backward", out * (4 + b.c), ga)
+    b.mem("log_softmax", "forward", 2 * out * 4, ga)
+    b.mem("nll+log_softmax.backward", "backward", 4 * out * 4, ga, launches=3)
+    _tail_ops(b, r, spec.n_params, 2 * len(layers), optimizer=optimizer, optimizer_impl=optimizer_impl,
+              device=device, grad_accum=ga)
+    return [op for op in b.ops if op.count]

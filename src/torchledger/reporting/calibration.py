@@ -1,0 +1,109 @@
+"""A machine's calibration for the step-time model, read from the suite's own benchmark runs of that machine.
+
+From the newest run of a machine folder (``results/<device tag>/``, the runs of its newest commit merged, as
+:func:`~torchledger.reporting.results.newest_results` merges them), only the measurements of the hardware's ceilings
+are read, never a timed training step:
+
+- every matmul of the ``roofline`` group (``test_biggest_matmul``, and ``test_matmul_shape``: the shapes the
+  profile's steps run) and of the ``precision`` group (``test_matmul``): its dtype, its shape (``work.shape``,
+  ``shape``, or the edge of a square matmul of the recorded FLOPs) and its achieved FLOP/s (FLOPs over the median
+  wall time of a call, the statistic the timed steps report); repeated measurements of one shape and dtype are
+  averaged;
+- the device-to-device copy of the ``roofline`` group (``test_copy_bandwidth``): bytes read plus written over the
+  median time.
+
+The per-launch overhead is not measured by these groups: the device kind's documented figure
+(:data:`~torchledger.formulas.steptime.LAUNCH_OVERHEAD_S`) stands in. The datasheet peaks (for MFU) come from the
+hardware table when the run names a GPU of it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from torchledger.formulas.hardware import lookup_device, peak_dtype
+from torchledger.formulas.steptime import LAUNCH_OVERHEAD_S, Calibration, MatmulPoint
+from torchledger.reporting.results import Result, Run, finite, newest_results, read_runs
+
+__all__ = ["calibration_from_run", "read_calibration"]
+
+_MATMUL_TESTS = ("test_biggest_matmul", "test_matmul", "test_matmul_shape")
+
+
+def _test_name(result: Result) -> str:
+    return result.name.rsplit("::", 1)[-1].split("[", 1)[0]
+
+
+def _shape(extra: dict[str, Any]) -> tuple[int, int, int] | None:
+    """The (m, k, n) of a matmul benchmark: recorded, or the edge of the square matmul of its FLOPs."""
+    work = extra.get("work")
+    for raw in ((work or {}).get("shape") if isinstance(work, dict) else None, extra.get("shape")):
+        if isinstance(raw, list) and len(raw) == 3 and all(isinstance(v, int) and v > 0 for v in raw):
+            return raw[0], raw[1], raw[2]
+    flops = finite(extra.get("flops"))
+    if flops is None or flops <= 0:
+        return None
+    edge = round((flops / 2) ** (1 / 3))
+    return (edge, edge, edge) if 2 * edge**3 == flops else None
+
+
+def calibration_from_run(run: Run) -> Calibration:
+    """The calibration of one run (see the module docstring); ValueError naming the run when it measured no
+    matmul or no copy bandwidth."""
+    info = run.machine_info.get("torchledger") or {}
+    gpus = info.get("gpus") or []
+    gpu_name = gpus[0].get("name") if gpus and isinstance(gpus[0], dict) else None
+    kind = "cuda" if gpu_name else "cpu"
+    samples: dict[tuple[str, tuple[int, int, int]], list[float]] = {}
+    bandwidths: list[float] = []
+    for result in run.results.values():
+        name, extra = _test_name(result), result.extra_info
+        if result.group == "roofline" and name == "test_copy_bandwidth":
+            moved = finite(extra.get("bytes_moved"))
+            if moved and moved > 0:
+                bandwidths.append(moved / result.median)
+        elif result.group in ("roofline", "precision") and name in _MATMUL_TESTS:
+            shape, flops, dtype = _shape(extra), finite(extra.get("flops")), extra.get("dtype")
+            if shape is None or not flops or not isinstance(dtype, str):
+                continue
+            try:
+                key = peak_dtype(dtype)
+            except ValueError:
+                continue
+            samples.setdefault((key, shape), []).append(flops / result.median)
+    if not samples:
+        raise ValueError(f"{run.path}: no matmul of the roofline or precision group to calibrate from")
+    if not bandwidths:
+        raise ValueError(f"{run.path}: no copy bandwidth of the roofline group to calibrate from")
+    matmul: dict[str, list[MatmulPoint]] = {}
+    for (dtype, (m, k, n)), rates in sorted(samples.items()):
+        matmul.setdefault(dtype, []).append(MatmulPoint(m, k, n, sum(rates) / len(rates)))
+    peaks: dict[str, float] = {}
+    if gpu_name:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dev = lookup_device(gpu_name, warn=False)
+        peaks = dict(dev.peaks) if dev is not None else {}
+    return Calibration(device=gpu_name or str(info.get("cpu_model") or run.machine),
+                       matmul={k: tuple(v) for k, v in matmul.items()},
+                       bandwidth=sum(bandwidths) / len(bandwidths), launch_s=LAUNCH_OVERHEAD_S[kind], kind=kind,
+                       peaks=peaks,
+                       source=f"the {run.machine} run of commit {run.commit or 'unknown'}, {run.datetime[:10]}")
+
+
+def read_calibration(path: str | Path) -> Calibration:
+    """The calibration of the machine whose runs lie under ``path`` (a machine folder such as
+    ``results/cuda-nvidia-h200``, or one run file): its newest run, merged with the earlier runs of the same
+    commit. ValueError when ``path`` holds no run, or runs of more than one machine."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found = read_runs([path])
+    if not found.by_machine:
+        raise ValueError(f"calibration={str(path)!r} holds no benchmark run")
+    if len(found.by_machine) > 1:
+        raise ValueError(f"calibration={str(path)!r} holds runs of {len(found.by_machine)} machines "
+                         f"({', '.join(sorted(found.by_machine))}): name one machine's folder")
+    (history,) = found.by_machine.values()
+    return calibration_from_run(newest_results(history))
