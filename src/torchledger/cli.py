@@ -12,8 +12,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from torchledger.formulas.distributed import SHARDINGS
+from torchledger.formulas.distributed import INTERCONNECTS, SHARDINGS, SIMULATED_SHARDINGS
 from torchledger.formulas.estimate import Estimate, estimate
+from torchledger.formulas.flops import attention_convention
 from torchledger.formulas.hardware import device_names, get_device
 from torchledger.formulas.memory import RECIPES
 from torchledger.formulas.specs import (
@@ -24,6 +25,7 @@ from torchledger.formulas.specs import (
     n_params,
     spec_from_hf_config,
 )
+from torchledger.formulas.timeline_hf import IMPLEMENTATIONS
 from torchledger.formulas.vocabulary import OPTIMIZER_IMPLS, OPTIMIZERS, REFERENCE_WORKLOADS, STEP_CHECKPOINTING
 from torchledger.reporting.units import format_bytes, format_count, format_flops
 
@@ -73,6 +75,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", metavar="PRESET", help=f"a preset: {', '.join(PRESETS)}")
     source.add_argument("--hf-config", metavar="PATH", help="a Hugging Face config.json (GPT-2, LLaMA, Mistral)")
+    parser.add_argument("--implementation", choices=list(IMPLEMENTATIONS), default=None,
+                        help="with --hf-config: hf (the default) builds and walks what transformers runs; reference: "
+                        "the project's transformer of the same shape (what --model presets always are)")
     parser.add_argument("--batch-size", type=_positive_int, default=1, help="micro-batch size (default 1)")
     parser.add_argument(
         "--seq-len", type=_positive_int, default=None, help="tokens per sequence (default: the model's context)"
@@ -100,6 +105,44 @@ def _fill_step_defaults(args: argparse.Namespace) -> None:
     for name, value in STEP_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+
+
+def _implementation(args: argparse.Namespace, command: str) -> str:
+    """``hf`` (transformers' model of ``--hf-config``) or ``reference``; bad usage for ``hf`` without a config."""
+    if args.implementation == "hf" and args.hf_config is None:
+        raise UsageError(f"torchledger {command}: error: --implementation hf needs --hf-config (a --model preset is "
+                         "the reference transformer)")
+    return "hf" if args.hf_config is not None and args.implementation != "reference" else "reference"
+
+
+def _hf_profile(args: argparse.Namespace, command: str) -> Any:
+    """The implementation profile of ``--hf-config`` (:mod:`torchledger.formulas.timeline_hf`), or None for the
+    reference transformer (also where the config's model_type has no profile: the output names the one used)."""
+    if _implementation(args, command) != "hf":
+        return None
+    from torchledger.formulas.timeline_hf import hf_profile_or_none
+
+    return hf_profile_or_none(args.hf_config)
+
+
+def _profile_name(hf_config: str | None) -> str:
+    """How a prediction walked the step: ``hf:<model_type>`` (an implementation profile) or ``reference``."""
+    if hf_config is None:
+        return "reference"
+    from torchledger.formulas.timeline_hf import hf_profile_or_none
+
+    profile = hf_profile_or_none(hf_config)
+    return "reference" if profile is None else f"hf:{profile.model_type}"
+
+
+def _require_transformers(command: str) -> None:
+    """Bad usage, one line naming the extra to install, when transformers is missing."""
+    from torchledger.workloads.hf import TransformersMissing, require_transformers
+
+    try:
+        require_transformers()
+    except TransformersMissing as exc:
+        raise UsageError(f"torchledger {command}: error: {exc}; or pass --implementation reference") from None
 
 
 def resolve_spec(args: argparse.Namespace) -> ModelSpec:
@@ -154,9 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(est)
     add_step_arguments(est, list(RECIPES))
-    est.add_argument("--world-size", type=_positive_int, default=1, help="data-parallel ranks (default 1)")
-    est.add_argument("--sharding", choices=list(SHARDINGS), default="ddp",
-                     help="how model states are split across ranks (default ddp)")
+    est.add_argument("--world-size", type=_positive_int, default=None, help="data-parallel ranks (default 1)")
+    est.add_argument("--sharding", choices=list(SHARDINGS), default=None,
+                     help="how model states are split across ranks (default ddp; needs --world-size)")
+    est.add_argument("--shard-group-size", type=_positive_int, default=None, metavar="RANKS",
+                     help="--sharding hsdp: ranks per shard group (e.g. GPUs per node); shards within a group, "
+                     "replicates across groups")
+    est.add_argument("--interconnect", choices=list(INTERCONNECTS), default=None,
+                     help="also time each collective per step on this link (alpha-beta model)")
+    est.add_argument("--inter-node", choices=list(INTERCONNECTS), default=None,
+                     help="--sharding hsdp: the link of the all-reduce across shard groups (default --interconnect)")
     est.add_argument("--optimizer-impl", choices=list(OPTIMIZER_IMPLS), default="foreach",
                      help="optimizer implementation (default foreach; fused keeps no temporaries)")
     est.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
@@ -164,8 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--gpu", type=_gpu_name, default=None, metavar="NAME",
                      help="also say whether the step fits this GPU of the hardware table, less the CUDA context and "
                      f"cuBLAS workspaces, and the largest micro-batch that does: {', '.join(device_names())}")
+    est.add_argument("--calibration", metavar="PATH", default=None,
+                     help="with --gpu (or alone): predict the step time from this machine's benchmark runs "
+                     "(a results/<device>/ folder) instead of the GPU's datasheet peaks")
+    est.add_argument("--attention", type=_attention_flag, default="dense", metavar="CONVENTION",
+                     help=_ATTENTION_HELP)
     est.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
+    add_plan_parser(sub)
     cnt = sub.add_parser(
         "count",
         help="count FLOPs of the model with hooks, the dispatcher and the profiler, beside the formula",
@@ -174,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(cnt)
     cnt.add_argument("--backward", action="store_true", help="count forward + backward (default: forward)")
+    cnt.add_argument("--attention", type=_attention_flag, default="dense", metavar="CONVENTION",
+                     help=_ATTENTION_HELP + "; the counters always see what the kernels run (dense)")
     cnt.add_argument(
         "--profiler", action="store_true",
         help="also count with torch.profiler (a pass of its own, about 1.4x the cost of the others)",
@@ -200,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "(32-true, 16-true or bf16-true)")
     mea.add_argument("--simulate", action="store_true",
                      help="measure under FakeTensorMode instead: nothing is allocated, any size runs")
+    mea.add_argument("--world-size", type=_positive_int, default=None,
+                     help="--simulate: one rank of a job of this many ranks (a fake process group)")
+    mea.add_argument("--sharding", choices=list(SIMULATED_SHARDINGS), default=None,
+                     help="--simulate --world-size: PyTorch's FSDP2 (fully_shard) as this sharding")
+    mea.add_argument("--shard-group-size", type=_positive_int, default=None, metavar="RANKS",
+                     help="--sharding hsdp: ranks per shard group")
     mea.add_argument("--snapshot", metavar="FILE", default=None,
                      help="also write the step's memory history to FILE, a pickle that PyTorch's memory_viz opens "
                      "(the allocator's history on CUDA, the storage tracker's on the CPU and under --simulate)")
@@ -268,7 +332,34 @@ def _fit_rows(e: Estimate) -> list[tuple[str, str]]:
     ]
 
 
-def _estimate_table(e: Estimate) -> str:
+_ATTENTION_HELP = ("how the formula counts attention: dense (default: every score, what SDPA's kernels compute, "
+                   "masked or not), causal (halved), window (the pairs of the model's sliding window, exactly) or "
+                   "window=N")
+
+
+def _attention_flag(text: str) -> str:
+    """``dense``, ``causal``, ``window`` or ``window=N`` (N a positive integer)."""
+    if text in ("dense", "causal", "window"):
+        return text
+    if text.startswith("window="):
+        _positive_int(text.split("=", 1)[1])
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not one of dense, causal, window, window=N")
+
+
+def _attention_options(text: str, spec: ModelSpec, command: str) -> tuple[bool, int | None]:
+    """(causal, window) for the FLOP formulas; bad usage for ``window`` on a model without a sliding window."""
+    if text == "window":
+        if spec.sliding_window is None:
+            raise UsageError(f"torchledger {command}: error: --attention window: {spec.name} has no sliding_window; "
+                             "give --attention window=N")
+        return False, spec.sliding_window
+    if text.startswith("window="):
+        return False, int(text.split("=", 1)[1])
+    return text == "causal", None
+
+
+def _estimate_table(e: Estimate, attention: str = "dense") -> str:
     d = e.to_dict()
     f, m = d["flops"], d["memory"]
     tokens = e.batch * e.seq_len
@@ -278,30 +369,65 @@ def _estimate_table(e: Estimate) -> str:
         ("step", f"{e.grad_accum} x {e.batch} x {e.seq_len} tokens, {e.precision}, {e.optimizer} "
                  f"({e.optimizer_impl}), checkpointing {e.checkpointing}, on {e.device}"),
         ("", ""),
-        ("FLOPs forward (micro-batch)", format_flops(f["forward"])),
+        ("FLOPs forward (micro-batch)", f"{format_flops(f['forward'])} (attention {attention})"),
         ("FLOPs backward (micro-batch)", format_flops(f["backward"])),
         ("FLOPs recompute (micro-batch)", format_flops(f["recompute"])),
         ("FLOPs per optimizer step", format_flops(f["train_step"])),
-        ("FLOPs per training token", format_flops(f["per_token_train"])),
+        ("FLOPs per training token", format_flops(f["per_token_train"])
+         + (" (hardware FLOPs: recompute included)" if f["recompute"] else "")),
         ("", ""),
         ("parameters", format_bytes(m["params"])),
         ("gradients", format_bytes(m["grads"])),
         ("master weights", format_bytes(m["master_params"])),
         ("optimizer state", format_bytes(m["optimizer"])),
         (f"activations ({tokens:,} tokens)", format_bytes(m["activations"])),
-        ("peak of the step", f"{format_bytes(m['peak_train'])} (at {m['peak_moment']})"),
+        ("peak of the step", f"{format_bytes(m['peak_train'])} (at {m['peak_moment']}"
+                             + (f"; as transformers runs {e.implementation.model_type})" if e.implementation else ")")),
         ("KV cache (inference)", format_bytes(m["kv_cache"])),
     ]
     if e.world_size > 1:
         rows[10:10] = [("ranks", f"{e.world_size}, {e.sharding} (memory per rank)")]
         rows += [(f"sent per rank per step: {k}", format_bytes(v)) for k, v in d["communication"].items()]
+        seconds = d.get("communication_time", {}).get("seconds", {})
+        links = {k: e.inter_node if (k == "all_reduce" and e.sharding == "hsdp" and e.inter_node) else e.interconnect
+                 for k in seconds}
+        rows += [(f"time per step on {links[k]}: {k}" if k != "total" else "communication per step, no overlap",
+                  f"{1e3 * v:.2f} ms") for k, v in seconds.items()]
+    # beside the training FLOPs per token (the hardware's: HFU's), the model's (no recompute: MFU's, PaLM App. B)
+    rows.insert(rows.index(("FLOPs per optimizer step", format_flops(f["train_step"]))) + 2,
+                ("model FLOPs per token (MFU)", format_flops(f["per_token_model"])))
     rows += _fit_rows(e)
+    rows += _time_rows(e)
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" if k else "" for k, v in rows)
 
 
+def _check_sharding_flags(args: argparse.Namespace, command: str) -> None:
+    """Bad usage: --sharding without --world-size (a single device has nothing to shard), --shard-group-size
+    without --sharding hsdp or not dividing --world-size; then the default sharding."""
+    fail = f"torchledger {command}: error:"
+    world = args.world_size
+    if args.sharding is not None and world is None:
+        raise UsageError(f"{fail} --sharding {args.sharding} needs --world-size N (the ranks it shards across)")
+    if args.shard_group_size is not None and args.sharding != "hsdp":
+        raise UsageError(f"{fail} --shard-group-size {args.shard_group_size} applies to --sharding hsdp only")
+    if args.sharding == "hsdp":
+        if args.shard_group_size is None:
+            raise UsageError(f"{fail} --sharding hsdp needs --shard-group-size (the ranks per shard group)")
+        if world % args.shard_group_size:
+            raise UsageError(f"{fail} --shard-group-size {args.shard_group_size} must divide --world-size {world}")
+    if getattr(args, "interconnect", None) is not None and (world or 1) == 1:
+        raise UsageError(f"{fail} --interconnect {args.interconnect} needs --world-size N > 1")
+    if getattr(args, "inter_node", None) is not None and (args.sharding != "hsdp" or args.interconnect is None):
+        raise UsageError(f"{fail} --inter-node {args.inter_node} applies to --sharding hsdp with --interconnect")
+    if command == "estimate":
+        args.sharding = args.sharding or "ddp"
+        args.world_size = world or 1
+
+
 def _run_estimate(args: argparse.Namespace) -> int:
     _fill_step_defaults(args)
+    _check_sharding_flags(args, "estimate")
     spec, seq_len = _spec_and_seq_len(args, "estimate")
     params = n_params(spec)
     if args.sharding != "ddp" and args.world_size > params:
@@ -325,8 +451,123 @@ def _run_estimate(args: argparse.Namespace) -> int:
         optimizer_impl=args.optimizer_impl,
         device=args.device,
         gpu=args.gpu,
+        shard_group_size=args.shard_group_size,
+        interconnect=args.interconnect,
+        implementation=_hf_profile(args, "estimate"),
+        inter_node=args.inter_node,
     )
-    print(json.dumps(result.to_dict()) if args.json else _estimate_table(result))
+    causal, window = _attention_options(args.attention, spec, "estimate")
+    attention = attention_convention(causal, window)
+    if attention != "dense":
+        from dataclasses import replace
+
+        from torchledger.formulas.flops import model_flops
+
+        result = replace(result, flops=model_flops(spec, args.batch_size, seq_len, checkpointing=args.checkpointing,
+                                                   causal=causal, window=window))
+    if args.gpu is not None or args.calibration is not None:
+        result = _with_time(result, args.gpu, args.calibration)
+    print(json.dumps({**result.to_dict(), "attention": attention}) if args.json
+          else _estimate_table(result, attention))
+    return 0
+
+
+def _calibration(gpu: str | None, path: str | None) -> Any:
+    """The calibration of ``--calibration PATH``, else the datasheet one of ``--gpu``; bad usage when unreadable."""
+    from torchledger.formulas.steptime import datasheet_calibration
+
+    if path is None:
+        return datasheet_calibration(get_device(str(gpu)))
+    from torchledger.reporting.calibration import read_calibration
+
+    try:
+        return read_calibration(path)
+    except ValueError as exc:
+        raise UsageError(f"torchledger: error: --calibration {path}: {exc}") from None
+
+
+def _with_time(e: Estimate, gpu: str | None, path: str | None) -> Estimate:
+    from dataclasses import replace
+
+    from torchledger.formulas.planner import compute_dtype, estimate_time
+
+    cal = _calibration(gpu, path)
+    dtype = compute_dtype(e.precision)
+    if dtype not in cal.matmul:  # bf16 on a T4: the fit stands, the time is not predicted
+        print(f"torchledger estimate: warning: no step time: {cal.device} has no {dtype} matmul path "
+              f"(--precision {e.precision})", file=sys.stderr)
+        return e
+    return replace(e, time=estimate_time(e, cal))
+
+
+def _time_rows(e: Estimate) -> list[tuple[str, str]]:
+    t = e.time
+    if t is None:
+        return []
+    rows = [("", ""), ("step time (predicted)", f"{t.step_s * 1e3:,.1f} ms on {t.calibration}"),
+            ("tokens/s (predicted)", f"{t.tokens_per_s:,.0f}")]
+    if t.mfu is not None and t.hfu is not None:
+        rows.append(("MFU / HFU (predicted)", f"{t.mfu:.1%} model FLOPs / {t.hfu:.1%} hardware FLOPs"))
+    for name, phase in t.phases.items():
+        if phase.seconds:
+            rows.append((f"  {name}", f"{phase.seconds * 1e3:,.1f} ms, {phase.bound}-bound"))
+    return rows
+
+
+def add_plan_parser(sub: Any) -> None:
+    """``torchledger plan``: the fastest configurations that fit."""
+    pl = sub.add_parser("plan", help="rank the training configurations that fit by predicted tokens/s",
+                        description="Enumerate micro-batch, accumulation, checkpointing, sharding and precision; "
+                        "drop what does not fit the GPU; rank the rest by predicted tokens/s.")
+    pl.add_argument("--model", metavar="PRESET", required=True, help=f"a preset: {', '.join(PRESETS)}")
+    pl.add_argument("--gpu", type=_gpu_name, required=True, metavar="NAME", help=", ".join(device_names()))
+    pl.add_argument("--gpus", type=_positive_int, required=True, help="data-parallel ranks (GPUs)")
+    pl.add_argument("--global-batch-tokens", type=_positive_int, required=True,
+                    help="tokens per optimizer step over all GPUs (a multiple of --seq-len x --gpus)")
+    pl.add_argument("--seq-len", type=_positive_int, default=None, help="tokens per sequence (default: context)")
+    pl.add_argument("--calibration", metavar="PATH", default=None, help="a results/<device>/ folder to time from")
+    pl.add_argument("--link-gbps", type=_positive_float, default=None,
+                    help="GB/s each GPU sends to the others (default 50: one 400 Gb/s InfiniBand port per GPU)")
+    pl.add_argument("--top", type=_positive_int, default=5, help="configurations to print (default 5)")
+    pl.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from torchledger.formulas.planner import DEFAULT_LINK_BANDWIDTH, plan
+
+    try:
+        spec = get_preset(args.model)
+    except ValueError as exc:
+        raise UsageError(f"torchledger plan: error: --model: {exc}") from None
+    seq_len = _checked_seq_len(spec, args.seq_len, "plan")
+    if args.global_batch_tokens % (seq_len * args.gpus):
+        raise UsageError(f"torchledger plan: error: --global-batch-tokens {args.global_batch_tokens} is not a "
+                         f"multiple of --seq-len x --gpus = {seq_len} x {args.gpus} = {seq_len * args.gpus}")
+    cal = _calibration(args.gpu, args.calibration)
+    if cal.kind != "cuda":
+        raise UsageError(f"torchledger plan: error: --calibration {args.calibration}: the runs of a CPU "
+                         f"({cal.device}) cannot time steps on --gpu {args.gpu}")
+    link = DEFAULT_LINK_BANDWIDTH if args.link_gbps is None else args.link_gbps * 1e9
+    found, tried = plan(spec, args.gpu, args.gpus, args.global_batch_tokens, seq_len, calibration=cal,
+                        link_bandwidth=link, top=args.top)
+    if args.json:
+        print(json.dumps({"model": spec.name, "gpu": args.gpu, "gpus": args.gpus,
+                          "global_batch_tokens": args.global_batch_tokens, "seq_len": seq_len,
+                          "tried": tried, "calibration": cal.source,
+                          "configurations": [p.to_dict() for p in found]}))
+        return 0
+    print(f"{spec.name} on {args.gpus} x {args.gpu}, {args.global_batch_tokens:,} tokens per step at {seq_len:,} "
+          f"tokens per sequence; {tried} configurations tried; timed from {cal.source}")
+    if not found:
+        print("none fits")
+    for i, p in enumerate(found, 1):
+        e, t = p.estimate, p.time
+        phases = ", ".join(f"{k} {v.seconds:.3g} s ({v.bound})" for k, v in t.phases.items() if v.seconds)
+        mfu = f", MFU {t.mfu:.1%}" if t.mfu is not None else ""
+        print(f"{i}. {e.precision}, {e.sharding}, checkpointing {e.checkpointing}, micro-batch {e.batch} x "
+              f"{e.grad_accum} accumulated: {p.tokens_per_s:,.0f} tokens/s, step {t.step_s:.3g} s{mfu}\n"
+              f"   memory per GPU {format_bytes(e.peak_per_rank)} of {format_bytes(p.fit.usable)} usable "
+              f"(peak in {max(e.phases_per_rank, key=lambda k: e.phases_per_rank[k])}); time: {phases}")
     return 0
 
 
@@ -337,6 +578,7 @@ def _run_count(args: argparse.Namespace) -> int:
     from torchledger.counting.model_count import count_model, load_hf_spec
 
     errors: list[str] = []
+    hf = _implementation(args, "count") == "hf"  # without transformers: the formula, and one line naming the extra
     if args.model is not None:
         spec: ModelSpec | None = get_preset(args.model)
     else:
@@ -350,15 +592,27 @@ def _run_count(args: argparse.Namespace) -> int:
         seq_len = args.seq_len or _COUNT_SEQ_LEN_FALLBACK
         elements = args.batch_size * seq_len  # the token ids: the model's own widths are not known here
     _check_sizes("count", args.batch_size, seq_len, elements)
+    if spec is None and not hf:
+        raise UsageError(f"torchledger count: error: --implementation reference: {errors[0]}")
     report = count_model(spec, args.batch_size, seq_len, backward=args.backward, profiler=args.profiler,
-                         hf_config=args.hf_config)
+                         hf_config=args.hf_config if hf else None)
     report.errors[:0] = errors
+    attention = "dense"
+    if spec is not None:
+        causal, window = _attention_options(args.attention, spec, "count")
+        attention = attention_convention(causal, window)
+        if attention != "dense" and report.formula is not None:
+            from torchledger.formulas.flops import model_flops
+
+            flops = model_flops(spec, args.batch_size, seq_len, causal=causal, window=window)
+            report.formula = flops.train if args.backward else flops.forward
     if args.json:
-        print(json.dumps(report.to_dict()))
+        print(json.dumps({**report.to_dict(), "attention": attention}))
     else:
         name = spec.name if spec else args.hf_config
         phase = "forward + backward" if args.backward else "forward"
-        print(f"{name} on the meta device, {args.batch_size} x {seq_len} tokens, {phase} (FLOPs)")
+        print(f"{name} on the meta device, {args.batch_size} x {seq_len} tokens, {phase} (FLOPs; the formula "
+              f"counts attention {attention})")
         rows = [("formula", report.formula)] + [(c, report.figure(c)) for c in ("hooks", "dispatch", "profiler")]
         for label, value in rows:
             if value is None:
@@ -436,6 +690,8 @@ def _run_measure(args: argparse.Namespace) -> int:
     from torchledger.workloads.train_step import TrainConfig
 
     _check_measure_flags(args)
+    if args.world_size is not None or args.sharding is not None or args.shard_group_size is not None:
+        return _run_measure_sharded(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("torchledger measure: error: --device cuda: no CUDA GPU is available here")
@@ -448,7 +704,14 @@ def _run_measure(args: argparse.Namespace) -> int:
         _check_sizes("measure", args.batch_size, None, args.batch_size * width)
     else:
         spec, seq_len = _spec_and_seq_len(args, "measure")
-        case = MemoryCase(spec.name, args.batch_size, config, seq_len=seq_len, spec=spec)
+        hf = _implementation(args, "measure") == "hf"
+        if hf:
+            _require_transformers("measure")
+            if args.inference:
+                raise UsageError("torchledger measure: error: --inference measures the reference transformer's "
+                                 "prefill; pass --implementation reference")
+        case = MemoryCase(spec.name, args.batch_size, config, seq_len=seq_len, spec=spec,
+                          hf_config=args.hf_config if hf else None)
     snapshot = None
     if args.snapshot is not None:
         from torchledger.measuring.snapshot import check_snapshot_path
@@ -484,6 +747,10 @@ def _run_measure(args: argparse.Namespace) -> int:
     moment = getattr(predicted, "moment", "the last block's MLP, every cache filled")
     result: dict[str, Any] = {
         "device": "simulated" if args.simulate else device,
+        # the model measured: transformers' model of --hf-config ("hf") or the project's transformer ("reference");
+        # the walk predicted: "hf:<model_type>" (formulas.timeline_hf) or "reference"
+        "implementation": "hf" if case.hf_config is not None else "reference",
+        "profile": _profile_name(case.hf_config),
         "measured": {"peak": measured.peak, "by_category": measured.by_category,
                      "reserved_peak": measured.reserved_peak, "outside_allocator": measured.outside_allocator,
                      "tracked_peak": measured.tracked_peak, "library_workspaces": measured.library_workspaces,
@@ -502,8 +769,9 @@ def _run_measure(args: argparse.Namespace) -> int:
         print(f"{case.workload}, prefill of {case.batch} x {case.seq_len} tokens with a KV cache, {args.precision}, "
               f"on {where}")
     else:
-        print(f"{case.workload}, batch {case.batch}, {args.precision}, {args.optimizer} ({args.optimizer_impl}), "
-              f"checkpointing {args.checkpointing}, grad-accum {args.grad_accum}, on {where}")
+        built = " (transformers' model)" if case.hf_config is not None else ""
+        print(f"{case.workload}{built}, batch {case.batch}, {args.precision}, {args.optimizer} "
+              f"({args.optimizer_impl}), checkpointing {args.checkpointing}, grad-accum {args.grad_accum}, on {where}")
     width = max(len(c) for c in [*measured.by_category, *pred_cats, "peak"])
     print(f"  {'':<{width}} {'measured':>12} {'predicted':>12}")
     for cat in dict.fromkeys([*measured.by_category, *pred_cats]):
@@ -514,6 +782,68 @@ def _run_measure(args: argparse.Namespace) -> int:
           f"  ({error_pct:.2f}% apart; predicted at {moment})")
     if snapshot is not None:
         print(f"  memory history written to {snapshot} (open it in https://pytorch.org/memory_viz)")
+    return 0
+
+
+def _run_measure_sharded(args: argparse.Namespace) -> int:
+    """``measure --simulate --world-size N --sharding S``: one rank of the job, simulated, beside the estimate."""
+    from torchledger.formulas.distributed import collective_payloads
+    from torchledger.formulas.estimate import estimate
+    from torchledger.formulas.specs import param_counts
+    from torchledger.measuring.distributed import simulate_sharded
+    from torchledger.measuring.training import MemoryCase, relative_error
+    from torchledger.workloads.train_step import TrainConfig
+
+    fail = "torchledger measure: error:"
+    if not args.simulate:
+        raise UsageError(f"{fail} --world-size and --sharding measure one simulated rank: add --simulate")
+    if args.world_size is None or args.sharding is None:
+        raise UsageError(f"{fail} --simulate of a sharded job takes both --world-size N and --sharding S")
+    _check_sharding_flags(args, "measure")
+    if args.inference or args.snapshot or args.model in REFERENCE_WORKLOADS:
+        raise UsageError(f"{fail} a sharded simulation trains a transformer preset (no --inference, --snapshot, "
+                         "mlp or cnn)")
+    if args.precision == "16-mixed" or args.clip_grad_norm is not None:
+        raise UsageError(f"{fail} --precision 16-mixed and --clip-grad-norm cannot be simulated sharded (they read "
+                         "values)")
+    spec, seq_len = _spec_and_seq_len(args, "measure")
+    config = TrainConfig(args.precision, args.optimizer, args.optimizer_impl, args.checkpointing, args.grad_accum)
+    case = MemoryCase(spec.name, args.batch_size, config, seq_len=seq_len, spec=spec)
+    predicted = estimate(spec, args.batch_size, seq_len, precision=args.precision, optimizer=args.optimizer,
+                         checkpointing=args.checkpointing, grad_accum=args.grad_accum, world_size=args.world_size,
+                         sharding=args.sharding, optimizer_impl=args.optimizer_impl, device="cpu",
+                         shard_group_size=args.shard_group_size)
+    measured = simulate_sharded(case, world_size=args.world_size, sharding=args.sharding,
+                                shard_group_size=args.shard_group_size)
+    n = n_params(spec)
+    counts = param_counts(spec)
+    formula = collective_payloads(n, recipe=args.precision, world_size=args.world_size, sharding=args.sharding,
+                                  root_params=n - counts.layers, shard_group_size=args.shard_group_size)
+    formula = {k: v * args.grad_accum for k, v in formula.items()}  # FSDP gathers and reduces per micro-batch
+    peak = predicted.peak_per_rank
+    error_pct = 100 * relative_error(peak, measured.memory.peak)
+    result = {
+        "device": "simulated", "world_size": args.world_size, "sharding": args.sharding,
+        "shard_group_size": args.shard_group_size,
+        "measured": {"peak": measured.memory.peak, "by_category": measured.memory.by_category,
+                     "peak_op": measured.memory.peak_op, "collective_payload": measured.collective_payload,
+                     "collective_calls": measured.collective_calls},
+        "predicted": {"peak": peak, "phases": predicted.phases_per_rank,
+                      "moment": predicted.rank_peak.moment if predicted.rank_peak else "",
+                      "collective_payload": formula},
+        "error_pct": error_pct,
+    }
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{spec.name}, batch {args.batch_size} x {seq_len} per rank, {args.precision}, checkpointing "
+          f"{args.checkpointing}: rank 0 of {args.world_size}, {args.sharding}, simulated (FakeTensorMode, fake "
+          "process group)")
+    print(f"  peak {format_bytes(measured.memory.peak)} measured, {format_bytes(peak)} predicted "
+          f"({error_pct:.2f}% apart; predicted at {result['predicted']['moment']})")
+    for name in dict.fromkeys([*measured.collective_payload, *formula]):
+        got, want = measured.collective_payload.get(name, 0), formula.get(name, 0)
+        print(f"  {name:<15} {format_bytes(got):>12} handed to the collective, formula {format_bytes(want)}")
     return 0
 
 
@@ -650,7 +980,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         command = args.command
         commands = {"estimate": _run_estimate, "count": _run_count, "measure": _run_measure, "regress": _run_regress,
-                    "report": _run_report}
+                    "report": _run_report, "plan": _run_plan}
         return commands[args.command](args)
     except UsageError as exc:
         say(str(exc))

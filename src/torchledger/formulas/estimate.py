@@ -2,26 +2,37 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from ._validate import one_of, positive_int
-from .activations import logprob_bytes
 from .device import cublas_workspace_bytes
 from .distributed import (
     SHARDINGS,
     ShardedStates,
+    collective_payloads,
     communication_bytes,
-    fsdp_step_phases,
+    get_interconnect,
+    hybrid_groups,
     sharded_state_bytes,
+    step_communication_seconds,
 )
 from .flops import ModelFlops, model_flops
 from .hardware import CUDA_CONTEXT_BYTES, DeviceSpec, get_device
 from .memory import dtype_bytes, get_recipe, kv_cache_bytes
 from .peak import TrainPeak, train_peak_bytes
+from .sharded_peak import RankPeak, rank_peak_bytes
 from .specs import ModelSpec, check_seq_len, n_params, param_counts
+from .steptime import StepTime
+from .timeline import StepConfig
+from .timeline_hf import HFProfile, hf_train_peak_bytes
 from .vocabulary import OPTIMIZERS, STEP_CHECKPOINTING
+
+# shardings whose collectives run every micro-batch (FSDP2 gathers for each forward and backward, and
+# reduce-scatters each micro-batch's gradients by default)
+_PER_MICRO_BATCH = ("zero3", "fsdp", "fsdp-grad-op", "hsdp")
 
 
 @dataclass(frozen=True)
@@ -120,9 +131,14 @@ class Estimate:
     sharding: str = "ddp"
     sharded: ShardedStates | None = None
     communication: dict[str, int] | None = None
+    shard_group_size: int | None = None  # hsdp: ranks per shard group
+    interconnect: str | None = None  # the link communication_seconds times the collectives on
+    inter_node: str | None = None  # hsdp: the link of the all-reduce across shard groups (default interconnect)
     optimizer_impl: str = "foreach"
     device: str = "cuda"
     fit: Fit | None = None
+    time: StepTime | None = None  # the predicted step time (formulas.planner.estimate_time), where asked for
+    implementation: HFProfile | None = None  # what transformers runs (formulas.timeline_hf); None: the reference
 
     @property
     def peak_per_rank(self) -> int:
@@ -133,45 +149,72 @@ class Estimate:
         """The same step at micro-batch ``batch`` (no GPU fit)."""
         return estimate(self.spec, batch, self.seq_len, precision=self.precision, optimizer=self.optimizer,
                         checkpointing=self.checkpointing, grad_accum=self.grad_accum, world_size=self.world_size,
-                        sharding=self.sharding, optimizer_impl=self.optimizer_impl, device=self.device)
+                        sharding=self.sharding, optimizer_impl=self.optimizer_impl, device=self.device,
+                        shard_group_size=self.shard_group_size, interconnect=self.interconnect,
+                        implementation=self.implementation, inter_node=self.inter_node)
+
+    @functools.cached_property
+    def rank_peak(self) -> RankPeak | None:
+        """One rank's step under the sharding (:mod:`torchledger.formulas.sharded_peak`); None for one rank."""
+        if self.sharded is None:
+            return None
+        config = StepConfig(self.precision, self.optimizer, self.optimizer_impl, self.checkpointing,
+                            self.grad_accum)
+        return rank_peak_bytes(self.spec, self.batch, self.seq_len, config, sharding=self.sharding,
+                               world_size=self.world_size, shard_group_size=self.shard_group_size,
+                               device=self.device, implementation=self.implementation)
 
     @property
     def phases_per_rank(self) -> dict[str, int]:
-        """The step's phases on one rank: each rank's share of the model states in place of the whole, DDP's
-        gradient buckets added, one block's parameters gathered under ``zero3``/``fsdp``, and the optimizer's
-        temporaries shrunk with its sharded state. NB: activations and their transients as on one device."""
-        phases = dict(self.peak.phases)
-        if self.sharded is None:
-            return phases
-        full, mine = self.peak.states, self.sharded.states
-        persistent = full.params + full.master_params + full.optimizer
-        delta = mine.params + mine.master_params + mine.optimizer - persistent + self.sharded.buckets
-        if self.sharding in ("zero3", "fsdp", "fsdp-grad-op"):
-            delta += param_counts(self.spec).per_layer * dtype_bytes(get_recipe(self.precision).param_dtype)
-        temps = phases["optimizer"] - persistent - full.grads - self.peak.buffers
-        if self.sharding in ("zero3", "fsdp"):
-            # one unit per block, the embeddings, final norm and head in the root unit
-            counts, acts, r = param_counts(self.spec), self.peak.activations, get_recipe(self.precision)
-            fsdp = fsdp_step_phases(
-                counts.total, [counts.per_layer] * self.spec.n_layers, counts.total - counts.layers,
-                saved=acts.saved, saved_per_unit=acts.per_layer, logits=acts.logits,
-                head_grads=2 * self.batch * self.seq_len * self.spec.vocab_size * logprob_bytes(r),
-                optimizer_temps=temps, recipe=self.precision, optimizer=self.optimizer, world_size=self.world_size,
-            )
-            phases.update(fsdp)
-            phases["forward"] += delta - self.sharded.buckets
-            return phases
-        if self.sharding != "ddp":
-            phases["optimizer"] += -(-temps // self.world_size) - temps
-        phases["optimizer"] += mine.grads - full.grads
-        if self.grad_accum > 1:
-            phases["forward"] += mine.grads - full.grads
-            phases["backward"] += mine.grads - full.grads
-        return {k: v + delta for k, v in phases.items()}
+        """The step's phases on one rank: the single-device timeline, moment by moment, with the rank's share of
+        the model states, the units gathered, the gradients being reduced and DDP's buckets
+        (:func:`torchledger.formulas.sharded_peak.rank_peak_bytes`)."""
+        rank = self.rank_peak
+        return dict(self.peak.phases) if rank is None else dict(rank.phases)
+
+    def collective_calls(self) -> dict[str, int]:
+        """Calls of each collective per step: DDP's 25 MiB gradient buckets (``bucket_cap_mb``); ZeRO's and FSDP's
+        one per unit (a block, the root), gathered twice per step under FULL_SHARD and once under SHARD_GRAD_OP."""
+        if self.world_size == 1 or not self.communication:
+            return {}
+        units = self.spec.n_layers + 1
+        r = get_recipe(self.precision)
+        if self.sharding == "ddp":
+            return {"all_reduce": max(1, -(-n_params(self.spec) * dtype_bytes(r.grad_dtype) // (25 * 2**20)))}
+        calls = {"all_gather": units, "reduce_scatter": units, "all_reduce": units}
+        if self.sharding in ("zero3", "fsdp", "hsdp"):
+            calls["all_gather"] = 2 * units - 1
+        per_step = self.grad_accum if self.sharding in _PER_MICRO_BATCH else 1
+        return {k: calls[k] * per_step for k in self.communication}
+
+    def communication_seconds(self) -> dict[str, float]:
+        """Alpha-beta seconds of each collective of one optimizer step on :attr:`interconnect` (empty without one),
+        from :func:`torchledger.formulas.distributed.step_communication_seconds`, plus ``total``: the sum, as if
+        nothing overlapped (what hides behind compute is the step-time model's). FSDP2 gathers and reduce-scatters
+        every micro-batch; DDP and ZeRO-1/2 are taken to reduce once per step (``no_sync`` over the others)."""
+        if self.interconnect is None or not self.communication:
+            return {}
+        n = n_params(self.spec)
+        payloads = collective_payloads(n, recipe=self.precision, world_size=self.world_size, sharding=self.sharding,
+                                       root_params=n - param_counts(self.spec).layers,
+                                       shard_group_size=self.shard_group_size)
+        per_step = self.grad_accum if self.sharding in _PER_MICRO_BATCH else 1
+        payloads = {k: v * per_step for k, v in payloads.items()}
+        out = step_communication_seconds(payloads, sharding=self.sharding, world_size=self.world_size,
+                                         interconnect=self.interconnect, calls=self.collective_calls(),
+                                         shard_group_size=self.shard_group_size, inter_node=self.inter_node)
+        out["total"] = sum(out.values())
+        return out
 
     @property
     def train_step_flops(self) -> int:
         return self.grad_accum * self.flops.train
+
+    @property
+    def model_flops_per_token(self) -> float:
+        """Forward and backward FLOPs per token without the recompute: the model FLOPs MFU counts (PaLM, App. B);
+        the training FLOPs per token with the recompute are the hardware FLOPs that HFU counts."""
+        return (self.flops.forward + self.flops.backward) / self.flops.tokens
 
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` contract: integers exact, bytes in bytes (keys are stable; new ones are only added). With a
@@ -196,6 +239,9 @@ class Estimate:
                 "recompute": self.flops.recompute,
                 "train_step": self.train_step_flops,
                 "per_token_train": self.train_step_flops / (self.grad_accum * self.flops.tokens),
+                # MFU's numerator (PaLM, App. B: the model's FLOPs, no recompute) and HFU's (recompute included)
+                "per_token_model": self.model_flops_per_token,
+                "per_token_hardware": self.train_step_flops / (self.grad_accum * self.flops.tokens),
             },
             "memory": {
                 "params": states.params,
@@ -214,9 +260,28 @@ class Estimate:
             "world_size": self.world_size,
             "sharding": self.sharding,
             "communication": dict(self.communication or {}),
+            # whose layers the memory walks: "reference" or "hf:<model_type>" (formulas.timeline_hf)
+            "implementation": "reference" if self.implementation is None else f"hf:{self.implementation.model_type}",
         }
+        if self.sharded is not None:
+            rank = self.rank_peak
+            assert rank is not None
+            memory: dict[str, Any] = out["memory"]  # type: ignore[assignment]
+            memory["peak_moment_per_rank"] = rank.moment
+            out["shard_group_size"] = self.shard_group_size
+            seconds = self.communication_seconds()
+            if seconds:
+                link = get_interconnect(str(self.interconnect))
+                out["communication_time"] = {
+                    "interconnect": self.interconnect, "inter_node": self.inter_node, "link": link.name,
+                    "bandwidth_bytes_per_s": link.bandwidth,
+                    "bandwidth_source": link.bandwidth_source, "latency_source": link.latency_source,
+                    "calls": self.collective_calls(), "seconds": seconds,
+                }
         if self.fit is not None:
             out.update(self.fit.to_dict())
+        if self.time is not None:
+            out["time"] = self.time.to_dict()
         return out
 
 
@@ -234,6 +299,10 @@ def estimate(
     optimizer_impl: str = "foreach",
     device: str = "cuda",
     gpu: str | DeviceSpec | None = None,
+    shard_group_size: int | None = None,
+    interconnect: str | None = None,
+    implementation: HFProfile | None = None,
+    inter_node: str | None = None,
 ) -> Estimate:
     """Cost one optimizer step of ``spec``: FLOPs (forward, backward, recompute) and memory (states, peak).
 
@@ -243,7 +312,12 @@ def estimate(
     ``optimizer_impl`` is the optimizer's implementation (``foreach``, ``for-loop``, ``fused``: their temporaries
     differ); ``device`` the device whose terms the peak includes (:mod:`torchledger.formulas.device`; ``cuda`` by
     default, the device people size for). ``gpu`` (a name of the hardware table) adds :class:`Fit`: whether the
-    peak fits that device and the largest micro-batch that does.
+    peak fits that device and the largest micro-batch that does. ``shard_group_size``: the ranks of a shard group
+    under ``hsdp``. ``interconnect`` (a name of :data:`torchledger.formulas.distributed.INTERCONNECTS`) adds the
+    alpha-beta seconds of each collective per step (:meth:`Estimate.communication_seconds`). ``implementation``
+    (a :class:`torchledger.formulas.timeline_hf.HFProfile`) walks the memory of the step as Hugging Face
+    transformers runs the model (:func:`torchledger.formulas.timeline_hf.hf_train_peak_bytes`) instead of the
+    reference transformer's. NB: per rank (``world_size > 1``) the walk is the reference's.
     """
     positive_int("batch_size", batch)
     check_seq_len(spec, seq_len)
@@ -254,23 +328,32 @@ def estimate(
     positive_int("world_size", world_size)
     one_of("sharding", sharding, SHARDINGS)
     n = n_params(spec)
+    if sharding == "hsdp":
+        hybrid_groups(world_size, shard_group_size)
+    for link in (interconnect, inter_node):
+        if link is not None:
+            get_interconnect(link)
     sharded = communication = None
     if world_size > 1:
         sharded = sharded_state_bytes(n, recipe=precision, optimizer=optimizer, world_size=world_size,
-                                      sharding=sharding)
+                                      sharding=sharding, shard_group_size=shard_group_size)
         counts = param_counts(spec)
         # one FSDP unit per block; the root unit holds the embeddings, the final norm and the head
         communication = communication_bytes(n, recipe=precision, world_size=world_size, sharding=sharding,
-                                            root_params=n - counts.layers)
+                                            root_params=n - counts.layers, shard_group_size=shard_group_size)
     result = Estimate(
         spec=spec, batch=batch, seq_len=seq_len, precision=precision, optimizer=optimizer,
         checkpointing=checkpointing, grad_accum=grad_accum,
         flops=model_flops(spec, batch, seq_len, checkpointing=checkpointing),
         peak=train_peak_bytes(spec, batch, seq_len, recipe=precision, optimizer=optimizer,
                               checkpointing=checkpointing, grad_accum=grad_accum, optimizer_impl=optimizer_impl,
-                              device=device),
+                              device=device) if implementation is None else
+        hf_train_peak_bytes(spec, implementation, batch, seq_len, recipe=precision, optimizer=optimizer,
+                            checkpointing=checkpointing, grad_accum=grad_accum, optimizer_impl=optimizer_impl,
+                            device=device),
         kv_cache=kv_cache_bytes(spec, batch, seq_len, recipe.compute_dtype),
         world_size=world_size, sharding=sharding, sharded=sharded, communication=communication,
-        optimizer_impl=optimizer_impl, device=device,
+        optimizer_impl=optimizer_impl, device=device, shard_group_size=shard_group_size, interconnect=interconnect,
+        implementation=implementation, inter_node=inter_node,
     )
     return result if gpu is None else replace(result, fit=fit_on(result, gpu))
