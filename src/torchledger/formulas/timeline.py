@@ -609,7 +609,8 @@ class _TransformerStep(_Step):
 
     def rotary(self, label: str, x: int, width: int) -> int:
         """``x * cos + rotate_half(x) * sin`` (``neg``, ``cat``, two ``mul``, ``add``): saves only the tables;
-        backward: the two products' gradients and ``rotate_half``'s (slices of a ``neg``)."""
+        backward: the two products' gradients and ``rotate_half``'s (slices of a ``neg``). ``x`` is the caller's to
+        drop (a local of the block)."""
         G, rows = self.graph, self.rows
         b = 4 if self.r.autocast else self.p  # fp32 tables promote a 16-bit input under autocast
         a = G.new(rows * width * b, f"{label} x cos")
@@ -620,14 +621,9 @@ class _TransformerStep(_Step):
         G.drop(rot)
         out = G.new(rows * width * b, label)
         G.drop(a, m)
-        cast = 0
-        if self.r.autocast:  # scaled_dot_product_attention casts to 16 bits
-            out, cast = G.convert(out, rows * width * self.c, f"{label} cast"), rows * width * self.c
 
         def backward(n: Node) -> None:
             gout = G.buffer.pop(out)
-            if cast:
-                gout = G.convert(gout, rows * width * 4, f"{label} grad cast")
             d1 = G.new(rows * width * b, f"{label} grad x cos")
             d2 = G.new(rows * width * b, f"{label} grad x sin")
             d3 = G.new(rows * width * b, f"{label} grad rotate_half")
@@ -640,7 +636,6 @@ class _TransformerStep(_Step):
             G.route(x, dsum)
 
         G.node(label, out, backward=backward)
-        G.drop(x)
         return out
 
     def add(self, label: str, a: int, branch: int, branch_bytes: int | None = None) -> int:
@@ -696,53 +691,74 @@ class _TransformerStep(_Step):
     def llama_block(self, i: int, x: int) -> int:
         s, G, ps, rows = self.spec, self.graph, self.ps, self.rows
         b = f"block {i} "
-        x2 = self.llama_attention(i, x)
-        h = self.layer_norm(b + "norm_2", x2, ps[b + "norm_2.weight"], None)
+        x2, held = self.llama_attention(i, x)
+        h = self.norm_2(b, x2, held)
         gate = self.proj(b + "mlp.gate", h, ps[b + "mlp.gate.weight"], s.d_ff, None)
         f = rows * s.d_ff * self.c
         silu = G.new(f, b + "mlp.silu")
         G.node(b + "mlp.silu", silu, [gate], [(gate, f, "grad", 0)])
         G.drop(gate)
         up = self.proj(b + "mlp.up", h, ps[b + "mlp.up.weight"], s.d_ff, None)
-        G.drop(h)
         prod = G.new(f, b + "mlp.mul")
         G.node(b + "mlp.mul", prod, [silu, up], [(silu, f, "grad silu", 0), (up, f, "grad up", 0)])
         G.drop(silu, up)
         m = self.proj(b + "mlp.down", prod, ps[b + "mlp.down.weight"], s.d_model, None)
         G.drop(prod)
         out = self.add(b + "mlp residual", x2, m)
-        G.drop(x2)
+        G.drop(x2, h, *held)  # the block returns: its locals go
         return out
 
-    def llama_attention(self, i: int, x: int) -> int:
+    def llama_attention(self, i: int, x: int) -> tuple[int, list[int]]:
         """The first half of a LLaMA block: RMSNorm, q/k/v projections, rotary, SDPA, output projection and the
-        residual sum (returned)."""
+        residual sum; returns the sum and the tensors the block's locals still hold, first the norm's output.
+
+        :class:`torchledger.workloads.models.LlamaBlock`'s ``forward`` binds each intermediate to a local, so a
+        tensor lives until its name is rebound or the block returns, whatever autograd saves: the first norm's
+        output ``h`` until the second norm's output is bound to ``h``; the projections until both rotations are
+        made (``q, k = rotary(q), rotary(k)``); the rotated q and k (fp32 under autocast: the fp32 tables promote;
+        SDPA casts them to 16 bits itself, and saves the casts), v and the attention output until the block
+        returns. Where autograd saves them anyway this changes nothing; it matters for the fp32 rotated q and k
+        and, in a checkpointed block's non-saving forward, for every one of them."""
         s, G, ps = self.spec, self.graph, self.ps
         b = f"block {i} "
+        rows = self.rows
         h = self.layer_norm(b + "norm_1", x, ps[b + "norm_1.weight"], None)
-        q = self.rotary(b + "attn.q rotary", self.proj(b + "attn.q", h, ps[b + "attn.q.weight"], s.q_dim, None),
-                        s.q_dim)
-        k = self.rotary(b + "attn.k rotary", self.proj(b + "attn.k", h, ps[b + "attn.k.weight"], s.kv_dim, None),
-                        s.kv_dim)
+        q = self.proj(b + "attn.q", h, ps[b + "attn.q.weight"], s.q_dim, None)
+        k = self.proj(b + "attn.k", h, ps[b + "attn.k.weight"], s.kv_dim, None)
         v = self.proj(b + "attn.v", h, ps[b + "attn.v.weight"], s.kv_dim, None)
-        G.drop(h)
-        y = self.sdpa(b + "attn.sdpa", q, k, v, None)
-        G.drop(q, k, v)
+        q_rot = self.rotary(b + "attn.q rotary", q, s.q_dim)
+        k_rot = self.rotary(b + "attn.k rotary", k, s.kv_dim)
+        G.drop(q, k)
+        q_in, k_in = q_rot, k_rot
+        if self.r.autocast:  # autocast's _to_copy of SDPA's fp32 inputs: what SDPA saves; freed after it unless saved
+            q_in = G.new(rows * s.q_dim * self.c, b + "attn.q cast")
+            G.node(b + "attn.q cast", q_in, [], [(q_rot, rows * s.q_dim * 4, "grad", 0)])
+            k_in = G.new(rows * s.kv_dim * self.c, b + "attn.k cast")
+            G.node(b + "attn.k cast", k_in, [], [(k_rot, rows * s.kv_dim * 4, "grad", 0)])
+        y = self.sdpa(b + "attn.sdpa", q_in, k_in, v, None)
+        if self.r.autocast:
+            G.drop(q_in, k_in)
         a = self.proj(b + "attn.o", y, ps[b + "attn.o.weight"], s.d_model, None)
-        G.drop(y)
-        return self.add(b + "attn residual", x, a)
+        return self.add(b + "attn residual", x, a), [h, q_rot, k_rot, v, y]
+
+    def norm_2(self, b: str, x2: int, held: list[int]) -> int:
+        """The second RMSNorm of a LLaMA block: once its output is bound to ``h``, the first norm's output
+        (``held[0]``, from :meth:`llama_attention`) goes."""
+        h = self.layer_norm(b + "norm_2", x2, self.ps[b + "norm_2.weight"], None)
+        self.graph.drop(held.pop(0))
+        return h
 
     def moe_block(self, i: int, x: int) -> int:
-        """A Mixtral block: LLaMA's attention half, RMSNorm, the Mixture of Experts, the residual sum."""
-        G, ps = self.graph, self.ps
+        """A Mixtral block: LLaMA's attention half, RMSNorm, the Mixture of Experts, the residual sum (the block's
+        locals held as :meth:`llama_attention` says, the second norm's output until the block returns)."""
+        G = self.graph
         b = f"block {i} "
-        x2 = self.llama_attention(i, x)
-        h = self.layer_norm(b + "norm_2", x2, ps[b + "norm_2.weight"], None)
+        x2, held = self.llama_attention(i, x)
+        h = self.norm_2(b, x2, held)
         m = self.moe(i, h)
-        G.drop(h)
         out = self.add(b + "mlp residual", x2, m, branch_bytes=self.rows * self.spec.d_model * (
             4 if self.r.autocast else self.p))
-        G.drop(x2)
+        G.drop(x2, h, *held)  # the block returns: its locals go
         return out
 
     def moe(self, i: int, h: int) -> int:
