@@ -607,8 +607,9 @@ class _TransformerStep(_Step):
         G.drop(lse)
         return out
 
-    def rotary(self, label: str, x: int, width: int) -> int:
-        """``x * cos + rotate_half(x) * sin`` (``neg``, ``cat``, two ``mul``, ``add``): saves only the tables;
+    def rotary(self, label: str, x: int, width: int, tables: Sequence[int] = ()) -> int:
+        """``x * cos + rotate_half(x) * sin`` (``neg``, ``cat``, two ``mul``, ``add``): saves only the tables (the
+        reference's are buffers; ``tables`` names those made in the forward, which the node then keeps alive);
         backward: the two products' gradients and ``rotate_half``'s (slices of a ``neg``). ``x`` is the caller's to
         drop (a local of the block)."""
         G, rows = self.graph, self.rows
@@ -635,7 +636,7 @@ class _TransformerStep(_Step):
                 dsum = G.convert(dsum, rows * width * self.c, f"{label} grad cast")
             G.route(x, dsum)
 
-        G.node(label, out, backward=backward)
+        G.node(label, out, list(tables), backward=backward)
         return out
 
     def add(self, label: str, a: int, branch: int, branch_bytes: int | None = None) -> int:

@@ -305,37 +305,6 @@ class _HFStep(_TransformerStep):
             G.drop(x32)
         return out
 
-    def hf_rotary(self, label: str, x: int, width: int) -> int:
-        """``q * cos + rotate_half(q) * sin`` with the forward's cos and sin tables (saved by both products);
-        returns the rotated tensor, fp32 under autocast (the tables promote), referenced until ``o_proj``."""
-        G, rows = self.graph, self.rows
-        b = 4 if self.r.autocast else self.p
-        a = G.new(rows * width * b, f"{label} x cos")
-        neg = G.new(rows * width * self.c // 2, f"{label} neg")
-        rot = G.new(rows * width * self.c, f"{label} cat")
-        G.drop(neg)
-        m = G.new(rows * width * b, f"{label} rotated x sin")
-        G.drop(rot)
-        out = G.new(rows * width * b, label)
-        G.drop(a, m)
-
-        def backward(n: Node) -> None:
-            gout = G.buffer.pop(out)
-            d1 = G.new(rows * width * b, f"{label} grad x cos")
-            d2 = G.new(rows * width * b, f"{label} grad x sin")
-            d3 = G.new(rows * width * b, f"{label} grad rotate_half")
-            G.drop(d2)
-            dsum = G.new(rows * width * b, f"{label} grad sum")
-            G.drop(d1, d3)
-            G.release(n, gout)
-            if b != self.c:
-                dsum = G.convert(dsum, rows * width * self.c, f"{label} grad cast")
-            G.route(x, dsum)
-
-        G.node(label, out, [self.cos, self.sin], backward=backward)
-        G.drop(x)
-        return out
-
     def _attention_input(self, label: str, t: int, width: int) -> int:
         """SDPA's autocast cast of an fp32 input to 16 bits (a new tensor), or ``t`` itself."""
         if not self.r.autocast or self.tl.size(t) == self.rows * width * self.c:
@@ -410,8 +379,11 @@ class _HFStep(_TransformerStep):
         v = self.proj(b + "attn.v", h, ps[b + "attn.v.weight"], s.kv_dim, None)
         G.tl.ref(q)
         G.tl.ref(k)
-        q_rot = self.hf_rotary(b + "attn.q rotary", q, s.q_dim)
-        k_rot = self.hf_rotary(b + "attn.k rotary", k, s.kv_dim)
+        # the forward's cos and sin tables, saved by both products: the nodes keep them alive
+        q_rot = self.rotary(b + "attn.q rotary", q, s.q_dim, tables=(self.cos, self.sin))
+        G.drop(q)
+        k_rot = self.rotary(b + "attn.k rotary", k, s.kv_dim, tables=(self.cos, self.sin))
+        G.drop(k)
         G.drop(q, k)
         y = self.hf_attention(b + "attn", q_rot, k_rot, v)
         a = self.proj(b + "attn.o", y, ps[b + "attn.o.weight"], s.d_model, None)
