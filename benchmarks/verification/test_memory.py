@@ -171,10 +171,42 @@ def test_grad_accumulation_adds_gradients_not_activations() -> None:
 
 
 @pytest.mark.parametrize(
-    ("impl", "expected"), [("foreach", 4 * 1000), ("for-loop", 2 * 300 * 4), ("fused", 0)]
+    ("impl", "expected"), [("foreach", 4 * 1000), ("for-loop", 3 * 300 * 4), ("fused", 0)]
 )
 def test_adam_step_temporaries(impl: str, expected: int) -> None:
+    # for-loop without the order: the bound, sqrt and quotient of the largest tensor beside a previous quotient as large
     assert M.optimizer_step_temp_bytes(1000, 300, "adamw", "32-true", impl) == expected
+
+
+def test_for_loop_adam_keeps_the_previous_denominator() -> None:
+    # sizes in order 300, 200, 500: the third tensor's sqrt and quotient (2 x 500) beside the second's quotient (200)
+    sizes = [300, 200, 500]
+    assert M.optimizer_step_temp_bytes(1000, 500, "adamw", "32-true", "for-loop", sizes=sizes) == (2 * 500 + 200) * 4
+    # the largest first: its own two buffers (2 x 500), no earlier quotient; the second adds 2 x 300 + 500 = 1,100
+    assert M.optimizer_step_temp_bytes(1000, 500, "adam", "32-true", "for-loop", sizes=[500, 300, 200]) == 1100 * 4
+    with pytest.raises(ValueError, match="sizes="):
+        M.optimizer_step_temp_bytes(1000, 500, "adamw", "32-true", "for-loop", sizes=[500, 300])
+
+
+@pytest.mark.parametrize("sizes", [(300, 200, 500), (500, 300, 200), (64, 4096, 8, 1000)])
+def test_for_loop_adam_temporaries_measured(sizes: tuple[int, ...]) -> None:
+    # torch.optim.AdamW(foreach=False) on CPU, tracked at the dispatcher: the step's peak above the states it starts
+    # and ends with is the formula's temporaries (the fp32 step counters are made on the first step: step twice)
+    torch = pytest.importorskip("torch")
+    from torchledger.measuring.memory import StorageTracker
+
+    params = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+    opt = torch.optim.AdamW(params, foreach=False)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    tracker = StorageTracker()
+    with tracker:
+        tracker.track(torch.nn.ParameterList(params), opt)
+        before = tracker.current
+        opt.step()
+    assert tracker.peak - before == M.optimizer_step_temp_bytes(
+        sum(sizes), max(sizes), "adamw", "32-true", "for-loop", sizes=list(sizes))
 
 
 def test_master_recipes_copy_gradients_to_fp32_for_the_step() -> None:

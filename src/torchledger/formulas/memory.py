@@ -12,6 +12,7 @@ each matmul, so the fp32 parameters are themselves the master weights and no sep
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ._validate import one_of, positive_int
@@ -152,13 +153,17 @@ def model_state_bytes(n_params: int, recipe: str = "32-true", optimizer: str = "
 
 
 def optimizer_step_temp_bytes(
-    n_params: int, largest_param: int, optimizer: str = "adamw", recipe: str = "32-true", impl: str = "foreach"
+    n_params: int, largest_param: int, optimizer: str = "adamw", recipe: str = "32-true", impl: str = "foreach",
+    *, sizes: Sequence[int] | None = None,
 ) -> int:
     """Bytes of the temporaries alive at the peak of the optimizer step.
 
     - Adam/AdamW ``foreach`` (the CUDA default): ``_foreach_sqrt(exp_avg_sq)`` allocates one state-sized buffer for
       every parameter at once; ``for-loop`` (the CPU default) allocates ``sqrt`` and the bias-corrected quotient for
-      one tensor at a time (2x the largest tensor); ``fused`` allocates nothing.
+      one tensor at a time while the previous tensor's quotient is still referenced by the loop's local variable
+      (``torch.optim.adam._single_tensor_adam`` rebinds ``denom`` only on the next iteration): the largest
+      ``2 n_i + n_(i-1)`` over the parameters in order when ``sizes`` (element counts, in the optimizer's order) is
+      given, else its bound ``3 x largest_param``; ``fused`` allocates nothing.
     - SGD and momentum update in place: nothing.
     - ``*-mixed-master`` recipes first copy the 16-bit gradients into fp32 (4 bytes per parameter).
     NB: gradient clipping adds one scalar per tensor, left out.
@@ -170,7 +175,15 @@ def optimizer_step_temp_bytes(
     state = dtype_bytes(r.optimizer_dtype)
     temp = 0
     if OPTIMIZER_STATES[one_of("optimizer", optimizer, OPTIMIZER_STATES)] == 2:
-        temp = {"foreach": n_params * state, "for-loop": 2 * largest_param * state, "fused": 0}[impl]
+        if sizes is not None:
+            numels = [positive_int("sizes[]", n) for n in sizes]
+            if not numels or sum(numels) != n_params or max(numels) != largest_param:
+                raise ValueError(f"sizes={list(sizes)!r} must be the parameters' element counts: they sum to "
+                                 f"n_params={n_params} and their largest is largest_param={largest_param}")
+            loop = max(2 * n + prev for n, prev in zip(numels, [0, *numels[:-1]], strict=True))
+        else:
+            loop = 3 * largest_param
+        temp = {"foreach": n_params * state, "for-loop": loop * state, "fused": 0}[impl]
     if r.master_dtype:
         temp += n_params * dtype_bytes(r.master_dtype)
     return temp
