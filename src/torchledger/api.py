@@ -18,9 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
-from torchledger.counting.dispatch import count_with_dispatch
-from torchledger.counting.hooks import HookCounter
-from torchledger.counting.profiler import count_with_profiler
+from torchledger.counting.model_count import count_every_way
 from torchledger.counting.result import FlopCount
 from torchledger.measuring.memory import MemoryMeasurement
 from torchledger.measuring.training import Built, check_simulable, measure_built
@@ -87,13 +85,12 @@ def count_flops(module: nn.Module, *inputs: Any, backward: bool = False, profile
         return _scalar(module(*inputs), backward)
 
     try:
-        with HookCounter(module, backward=backward) as hooks:
-            dispatch = count_with_dispatch(module, step, backward=backward)
-        profiled = count_with_profiler(module, step, backward=backward) if profiler else None
+        counted = count_every_way(module, step, backward=backward, profiler=profiler)
     finally:
         for p, g in zip(params, grads, strict=True):
             p.grad = g
-    return FlopReport(backward=backward, hooks=hooks.result, dispatch=dispatch, profiler=profiled)
+    return FlopReport(backward=backward, hooks=counted["hooks"], dispatch=counted["dispatch"],  # type: ignore[arg-type]
+                      profiler=counted["profiler"])
 
 
 LossFn = Callable[[nn.Module, tuple[Tensor, ...]], Any]

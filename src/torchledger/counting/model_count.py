@@ -9,6 +9,7 @@ alone it costs about 1.4x a bare FlopCounterMode pass.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,16 @@ class CountReport:
             "by_module": {} if dispatch is None else dict(dispatch.by_module),
             "errors": list(self.errors),
         }
+
+
+def count_every_way(model: nn.Module, step: Callable[[], Tensor], *, backward: bool,
+                    profiler: bool) -> dict[str, FlopCount | None]:
+    """Hooks and the dispatcher in one pass of ``step`` (a forward returning the scalar to differentiate), the
+    profiler in a pass of its own when asked for (see the module's docstring for why)."""
+    with HookCounter(model, backward=backward) as hooks:
+        dispatch = count_with_dispatch(model, step, backward=backward)
+    return {"hooks": hooks.result, "dispatch": dispatch,
+            "profiler": count_with_profiler(model, step, backward=backward) if profiler else None}
 
 
 def _hf_model(path: str | os.PathLike[str]) -> nn.Module:
@@ -105,11 +116,7 @@ def count_model(
         return loss
 
     try:
-        with HookCounter(model, backward=backward) as hooks:
-            report.counters["dispatch"] = count_with_dispatch(model, step, backward=backward)
-        report.counters["hooks"] = hooks.result
-        if profiler:
-            report.counters["profiler"] = count_with_profiler(model, step, backward=backward)
+        report.counters = count_every_way(model, step, backward=backward, profiler=profiler)
     except Exception as exc:  # the model's own code failed on meta tensors: report it, keep what ran
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         report.errors.append(f"the model's forward/backward fails on meta tensors: {type(exc).__name__}: {first}")
