@@ -34,25 +34,98 @@ def test_llama_70b_preset_is_llama_2_70b() -> None:
 
 def test_plan_agrees_with_the_exhaustive_exact_search() -> None:
     """gpt2-medium (24 blocks: the planner screens by extrapolation) on 4 T4s (16 GB: many configurations do not
-    fit): the planner's top 5 are the 5 fastest of every configuration estimated exactly."""
+    fit): the planner's top 5 are the 5 fastest of every configuration estimated exactly, hsdp in shard groups of
+    2 (the one power of two below 4) among them."""
     spec, dev, gpus, seqs = get_preset("gpt2-medium"), get_device("T4"), 4, 8
     found, tried = plan(spec, "T4", gpus, gpus * 1024 * seqs, 1024, precisions=("16-mixed", "32-true"))
     cal = datasheet_calibration(dev)
     usable = _fit_of(dev, 0, 1024, 1).usable
     exact = []
     for precision in ("16-mixed", "32-true"):
-        for sharding in _PLAIN:
+        for sharding, group in [*((s, None) for s in _PLAIN), ("hsdp", 2)]:
             for mode in ("none", "full", "every-other"):
                 for batch in (1, 2, 4, 8):
                     kw = {"precision": precision, "checkpointing": mode, "grad_accum": seqs // batch,
-                          "world_size": gpus, "sharding": sharding}
+                          "world_size": gpus, "sharding": sharding, "shard_group_size": group}
                     if estimate(spec, batch, 1024, **kw).peak_per_rank <= usable:  # type: ignore[arg-type]
                         exact.append(config_time(spec, batch, 1024, cal, **kw).tokens_per_s)  # type: ignore[arg-type]
-    assert tried == 2 * len(_PLAIN) * 3 * 4
+    assert tried == 2 * (len(_PLAIN) + 1) * 3 * 4
     assert 5 < len(exact) < tried  # some configurations do not fit
     exact.sort(reverse=True)
     assert [p.tokens_per_s for p in found] == pytest.approx(exact[:5])
     assert all(p.fit.fits and p.estimate.peak_per_rank <= usable for p in found)
+
+
+def test_plan_with_hybrid_sharding_agrees_with_the_exhaustive_exact_search() -> None:
+    """8 T4s in nodes of 2, 100 GB/s within a node and 10 GB/s between nodes: hsdp in groups of 2 (one node) gathers
+    over the fast link and is among the 5 fastest; the planner's top 5 are still those of the exhaustive search over
+    every sharding, hsdp in groups of 2 and 4 (the powers of two below 8)."""
+    spec, dev, gpus, seqs = get_preset("gpt2-medium"), get_device("T4"), 8, 8
+    links = {"gpus_per_node": 2, "intra_node_bandwidth": 100e9, "link_bandwidth": 10e9}
+    found, tried = plan(spec, "T4", gpus, gpus * 1024 * seqs, 1024, precisions=("16-mixed",), **links)
+    cal = datasheet_calibration(dev)
+    usable = _fit_of(dev, 0, 1024, 1).usable
+    exact = []
+    for sharding, group in [*((s, None) for s in _PLAIN), ("hsdp", 2), ("hsdp", 4)]:
+        for mode in ("none", "full", "every-other"):
+            for batch in (1, 2, 4, 8):
+                kw = {"precision": "16-mixed", "checkpointing": mode, "grad_accum": seqs // batch,
+                      "world_size": gpus, "sharding": sharding, "shard_group_size": group}
+                if estimate(spec, batch, 1024, **kw).peak_per_rank <= usable:  # type: ignore[arg-type]
+                    exact.append(config_time(spec, batch, 1024, cal, **kw, **links).tokens_per_s)  # type: ignore[arg-type]
+    assert tried == (len(_PLAIN) + 2) * 3 * 4
+    exact.sort(reverse=True)
+    assert [p.tokens_per_s for p in found] == pytest.approx(exact[:5])
+    assert any(p.estimate.sharding == "hsdp" and p.estimate.shard_group_size == 2 for p in found)
+
+
+def test_hsdp_communication_is_ring_arithmetic_over_the_two_links() -> None:
+    """gpt2-small (124,439,808 parameters, 39,385,344 of them in the embeddings and final norm: the root unit) on
+    16 GPUs in shard groups of 8, bf16-true (FSDP2 gathers and reduces in bf16): within a group a ring all-gather
+    sends (g - 1) / g of its output, a reduce-scatter (g - 1) / g of its input (NCCL's ring algorithms); across the
+    2 replicas the all-reduce of each rank's bf16 gradient shard sends 2 (r - 1) / r of it."""
+    spec = get_preset("gpt2-small")
+    # root: token table 50,257 x 768, position table 1,024 x 768, final LayerNorm 2 x 768; a block: qkv
+    # 768 x 2,304 + 2,304, out 768 x 768 + 768, MLP 768 x 3,072 + 3,072 and 3,072 x 768 + 768, 2 LayerNorms 4 x 768
+    n, root, g, r = 124_439_808, 50_257 * 768 + 1_024 * 768 + 2 * 768, 8, 2
+    block = 768 * 2304 + 2304 + 768 * 768 + 768 + 768 * 3072 + 3072 + 3072 * 768 + 768 + 4 * 768
+    assert n_params(spec) == n == root + 12 * block
+    shard = -(-n // g)
+    gather = 2 * (shard * g) * 2 - root * 2  # forward and backward, bf16, the root gathered once
+    reduce = shard * g * 2
+    intra, inter = 400e9, 50e9
+    expected = ((g - 1) / g * (gather + reduce)) / intra + (2 * (r - 1) / r * shard * 2) / inter
+    cal = datasheet_calibration(get_device("H100 SXM"))
+    t = config_time(spec, 1, 1024, cal, precision="bf16-true", world_size=16, sharding="hsdp", shard_group_size=g,
+                    gpus_per_node=8, intra_node_bandwidth=intra, link_bandwidth=inter)
+    assert t.phases["communication"].seconds == pytest.approx(expected)
+    # groups of 16 span two nodes: everything crosses the slower link
+    t16 = config_time(spec, 1, 1024, cal, precision="bf16-true", world_size=32, sharding="hsdp",
+                      shard_group_size=16, gpus_per_node=8, intra_node_bandwidth=intra, link_bandwidth=inter)
+    shard16 = -(-n // 16)
+    gather16, reduce16 = 2 * (shard16 * 16) * 2 - root * 2, shard16 * 16 * 2
+    assert t16.phases["communication"].seconds == pytest.approx(
+        (15 / 16 * (gather16 + reduce16) + shard16 * 2) / inter)
+    # the optimizer updates one rank's 1/8 of the parameters: as fsdp on one group of 8
+    fsdp8 = config_time(spec, 1, 1024, cal, precision="bf16-true", world_size=8, sharding="fsdp")
+    assert t.phases["optimizer"].seconds == pytest.approx(fsdp8.phases["optimizer"].seconds)
+    with pytest.raises(ValueError, match="shard_group_size=3"):
+        config_time(spec, 1, 1024, cal, world_size=16, sharding="hsdp", shard_group_size=3)
+
+
+def test_plan_tries_every_power_of_two_shard_group() -> None:
+    spec = get_preset("gpt-tiny")
+    # 16 GPUs: hsdp in groups of 2, 4 and 8 beside the 6 other schemes; 4 precisions, 3 checkpointing modes, and
+    # micro-batches 1 and 2 of the 2 sequences per rank
+    found, tried = plan(spec, "H100 SXM", 16, 16 * 128 * 2, 128, top=100)
+    assert tried == 4 * (6 + 3) * 3 * 2
+    assert {p.estimate.shard_group_size for p in found if p.estimate.sharding == "hsdp"} == {2, 4, 8}
+    found, _ = plan(spec, "H100 SXM", 16, 16 * 128 * 2, 128, top=100, shard_group_sizes=(4,), shardings=("hsdp",))
+    assert {(p.estimate.sharding, p.estimate.shard_group_size) for p in found} == {("hsdp", 4)}
+    with pytest.raises(ValueError, match="shard_group_size=3"):
+        plan(spec, "H100 SXM", 16, 16 * 128 * 2, 128, shard_group_sizes=(3,))
+    with pytest.raises(ValueError, match="shardings="):
+        plan(spec, "H100 SXM", 16, 16 * 128 * 2, 128, shardings=("ring",))
 
 
 def test_plan_rejects_a_batch_that_does_not_split() -> None:
@@ -81,6 +154,29 @@ def test_plan_json(capsys: pytest.CaptureFixture[str]) -> None:
         assert c["tokens_per_s"] == pytest.approx(8 * 4 * 1024 / c["time"]["step_s"])
 
 
+def test_plan_takes_an_hf_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    # a GPT-2 config.json of the gpt-tiny preset's shapes (2 blocks, width 128, 4 heads, MLP 4 x 128, vocabulary
+    # 1,000, context 256): the same plan
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 1000,
+                               "n_positions": 256}))
+    common = ["--gpu", "h100-sxm", "--gpus", "2", "--global-batch-tokens", str(2 * 256 * 2), "--top", "4",
+              "--json"]
+    assert main(["plan", "--hf-config", str(cfg), *common]) == 0
+    from_config = json.loads(capsys.readouterr().out)
+    assert main(["plan", "--model", "gpt-tiny", *common]) == 0
+    from_preset = json.loads(capsys.readouterr().out)
+    assert from_config["seq_len"] == 256  # the config's n_positions
+    assert from_config["configurations"] == from_preset["configurations"]
+    assert from_config["tried"] == from_preset["tried"]
+    assert str(cfg) in from_config["model"]
+    # the table names the shard groups of an hsdp configuration: on nodes of 2 with NVLink 4 inside (450 GB/s),
+    # groups of 2 gather over it and only the all-reduce of a shard crosses the 50 GB/s link
+    assert main(["plan", "--hf-config", str(cfg), "--gpu", "h100-sxm", "--gpus", "4", "--global-batch-tokens",
+                 str(4 * 256), "--top", "1", "--gpus-per-node", "2", "--intra-node-gbps", "450"]) == 0
+    assert "1. bf16-true, hsdp (shard groups of 2)" in capsys.readouterr().out
+
+
 def test_plan_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--model", "gpt2-small", "--gpu", "h100-sxm", "--gpus", "1", "--global-batch-tokens",
                  "4096", "--seq-len", "1024", "--top", "2"]) == 0
@@ -104,6 +200,15 @@ def test_plan_table(capsys: pytest.CaptureFixture[str]) -> None:
     (["--model", "gpt-tiny", "--gpu", "h100-sxm", "--gpus", "1", "--global-batch-tokens", "256",
       "--calibration", str(Path(__file__).resolve().parents[2] / "results" / "cpu-amd-epyc")],
      "the runs of a CPU"),
+    (["--hf-config", "/nonexistent/config.json", "--gpu", "h100-sxm", "--gpus", "1", "--global-batch-tokens",
+      "1024"], "--hf-config /nonexistent/config.json"),
+    (["--model", "gpt2-small", "--hf-config", "x.json", "--gpu", "h100-sxm", "--gpus", "1",
+      "--global-batch-tokens", "1024"], "not allowed with argument"),
+    (["--gpu", "h100-sxm", "--gpus", "1", "--global-batch-tokens", "1024"], "--model --hf-config"),
+    (["--model", "gpt2-small", "--gpu", "h100-sxm", "--gpus", "8", "--global-batch-tokens", "8192",
+      "--gpus-per-node", "0"], "--gpus-per-node"),
+    (["--model", "gpt2-small", "--gpu", "h100-sxm", "--gpus", "8", "--global-batch-tokens", "8192",
+      "--intra-node-gbps", "-1"], "--intra-node-gbps"),
 ])
 def test_plan_bad_usage_exits_2_with_one_line(capsys: pytest.CaptureFixture[str], args: list[str],
                                               message: str) -> None:

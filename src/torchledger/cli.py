@@ -70,11 +70,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model flags shared by ``estimate``, ``count`` and ``measure``."""
+def add_model_source(parser: argparse.ArgumentParser) -> None:
+    """``--model`` or ``--hf-config``, one of them required (what :func:`resolve_spec` reads)."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", metavar="PRESET", help=f"a preset: {', '.join(PRESETS)}")
     source.add_argument("--hf-config", metavar="PATH", help="a Hugging Face config.json (GPT-2, LLaMA, Mistral)")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model flags shared by ``estimate``, ``count`` and ``measure``."""
+    add_model_source(parser)
     parser.add_argument("--implementation", choices=list(IMPLEMENTATIONS), default=None,
                         help="with --hf-config: hf (the default) builds and walks what transformers runs; reference: "
                         "the project's transformer of the same shape (what --model presets always are)")
@@ -519,7 +524,7 @@ def add_plan_parser(sub: Any) -> None:
     pl = sub.add_parser("plan", help="rank the training configurations that fit by predicted tokens/s",
                         description="Enumerate micro-batch, accumulation, checkpointing, sharding and precision; "
                         "drop what does not fit the GPU; rank the rest by predicted tokens/s.")
-    pl.add_argument("--model", metavar="PRESET", required=True, help=f"a preset: {', '.join(PRESETS)}")
+    add_model_source(pl)
     pl.add_argument("--gpu", type=_gpu_name, required=True, metavar="NAME", help=", ".join(device_names()))
     pl.add_argument("--gpus", type=_positive_int, required=True, help="data-parallel ranks (GPUs)")
     pl.add_argument("--global-batch-tokens", type=_positive_int, required=True,
@@ -528,17 +533,23 @@ def add_plan_parser(sub: Any) -> None:
     pl.add_argument("--calibration", metavar="PATH", default=None, help="a results/<device>/ folder to time from")
     pl.add_argument("--link-gbps", type=_positive_float, default=None,
                     help="GB/s each GPU sends to the others (default 50: one 400 Gb/s InfiniBand port per GPU)")
+    pl.add_argument("--gpus-per-node", type=_positive_int, default=None,
+                    help="GPUs on one node (default 8): collectives among them use --intra-node-gbps; hsdp is tried "
+                    "with every power-of-two shard group below --gpus that divides it")
+    pl.add_argument("--intra-node-gbps", type=_positive_float, default=None,
+                    help="GB/s each GPU sends within a node (e.g. 450 on NVLink 4; default: --link-gbps)")
     pl.add_argument("--top", type=_positive_int, default=5, help="configurations to print (default 5)")
     pl.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    from torchledger.formulas.planner import DEFAULT_LINK_BANDWIDTH, plan
+    from torchledger.formulas.planner import DEFAULT_GPUS_PER_NODE, DEFAULT_LINK_BANDWIDTH, plan
 
-    try:
-        spec = get_preset(args.model)
+    try:  # the reference transformer of the preset or of the config's shapes, as estimate takes it
+        spec = resolve_spec(args)
     except ValueError as exc:
-        raise UsageError(f"torchledger plan: error: --model: {exc}") from None
+        flag = "--model" if args.model is not None else f"--hf-config {args.hf_config}"
+        raise UsageError(f"torchledger plan: error: {flag}: {exc}") from None
     seq_len = _checked_seq_len(spec, args.seq_len, "plan")
     if args.global_batch_tokens % (seq_len * args.gpus):
         raise UsageError(f"torchledger plan: error: --global-batch-tokens {args.global_batch_tokens} is not a "
@@ -548,8 +559,10 @@ def _run_plan(args: argparse.Namespace) -> int:
         raise UsageError(f"torchledger plan: error: --calibration {args.calibration}: the runs of a CPU "
                          f"({cal.device}) cannot time steps on --gpu {args.gpu}")
     link = DEFAULT_LINK_BANDWIDTH if args.link_gbps is None else args.link_gbps * 1e9
+    intra = None if args.intra_node_gbps is None else args.intra_node_gbps * 1e9
     found, tried = plan(spec, args.gpu, args.gpus, args.global_batch_tokens, seq_len, calibration=cal,
-                        link_bandwidth=link, top=args.top)
+                        link_bandwidth=link, top=args.top, gpus_per_node=args.gpus_per_node or DEFAULT_GPUS_PER_NODE,
+                        intra_node_bandwidth=intra)
     if args.json:
         print(json.dumps({"model": spec.name, "gpu": args.gpu, "gpus": args.gpus,
                           "global_batch_tokens": args.global_batch_tokens, "seq_len": seq_len,
@@ -564,7 +577,8 @@ def _run_plan(args: argparse.Namespace) -> int:
         e, t = p.estimate, p.time
         phases = ", ".join(f"{k} {v.seconds:.3g} s ({v.bound})" for k, v in t.phases.items() if v.seconds)
         mfu = f", MFU {t.mfu:.1%}" if t.mfu is not None else ""
-        print(f"{i}. {e.precision}, {e.sharding}, checkpointing {e.checkpointing}, micro-batch {e.batch} x "
+        groups = f" (shard groups of {e.shard_group_size})" if e.shard_group_size else ""
+        print(f"{i}. {e.precision}, {e.sharding}{groups}, checkpointing {e.checkpointing}, micro-batch {e.batch} x "
               f"{e.grad_accum} accumulated: {p.tokens_per_s:,.0f} tokens/s, step {t.step_s:.3g} s{mfu}\n"
               f"   memory per GPU {format_bytes(e.peak_per_rank)} of {format_bytes(p.fit.usable)} usable "
               f"(peak in {max(e.phases_per_rank, key=lambda k: e.phases_per_rank[k])}); time: {phases}")

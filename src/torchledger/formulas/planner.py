@@ -16,7 +16,14 @@ from dataclasses import dataclass, replace
 
 from ._validate import one_of, positive_int, positive_number
 from .device import cublas_workspace_bytes
-from .distributed import SHARDINGS, communication_bytes, communication_seconds
+from .distributed import (
+    SHARDINGS,
+    collective_ranks,
+    communication_bytes,
+    communication_seconds,
+    hybrid_groups,
+    sharded_state_bytes,
+)
 from .estimate import Estimate, Fit, estimate
 from .flops import model_flops
 from .hardware import CUDA_CONTEXT_BYTES, DeviceSpec, get_device, peak_dtype
@@ -25,12 +32,15 @@ from .specs import ModelSpec, check_seq_len, n_params, param_counts
 from .steptime import Calibration, StepTime, datasheet_calibration, step_time, transformer_step_ops
 from .vocabulary import STEP_CHECKPOINTING
 
-__all__ = ["DEFAULT_LINK_BANDWIDTH", "PlanEntry", "compute_dtype", "config_time", "estimate_time", "plan"]
+__all__ = ["DEFAULT_GPUS_PER_NODE", "DEFAULT_LINK_BANDWIDTH", "PlanEntry", "compute_dtype", "config_time",
+           "estimate_time", "plan"]
 
 # Bytes/s each GPU sends to the others when a step's collectives cross nodes: one 400 Gb/s InfiniBand NDR port per
 # GPU (NVIDIA DGX H100 datasheet: 8 ConnectX-7 at 400 Gb/s for 8 GPUs). NB: within one NVLink node the links are
 # faster (450 GB/s per direction on H100 SXM); the planner takes the slower, inter-node figure unless told.
 DEFAULT_LINK_BANDWIDTH = 50e9
+# GPUs that share one NVLink node (a DGX/HGX H100 or H200 holds 8): hsdp's shard groups are tried up to the world.
+DEFAULT_GPUS_PER_NODE = 8
 
 _PLAIN = ("ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp-grad-op")
 
@@ -41,8 +51,8 @@ def estimate_time(e: Estimate, cal: Calibration, *, link_bandwidth: float = DEFA
     are the communication; else the bytes each rank sends over ``link_bandwidth``."""
     t = config_time(e.spec, e.batch, e.seq_len, cal, precision=e.precision, optimizer=e.optimizer,
                     optimizer_impl=e.optimizer_impl, checkpointing=e.checkpointing, grad_accum=e.grad_accum,
-                    world_size=e.world_size, sharding=e.sharding if e.sharding in _PLAIN else "fsdp",
-                    link_bandwidth=link_bandwidth)
+                    world_size=e.world_size, sharding=e.sharding if e.sharding in (*_PLAIN, "hsdp") else "fsdp",
+                    link_bandwidth=link_bandwidth, shard_group_size=e.shard_group_size)
     timed = getattr(e, "communication_seconds", None)
     total = timed().get("total") if callable(timed) and getattr(e, "interconnect", None) else None
     if total is not None:
@@ -55,25 +65,41 @@ def estimate_time(e: Estimate, cal: Calibration, *, link_bandwidth: float = DEFA
 def config_time(spec: ModelSpec, batch: int, seq_len: int, cal: Calibration, *, precision: str = "32-true",
                 optimizer: str = "adamw", optimizer_impl: str = "foreach", checkpointing: str = "none",
                 grad_accum: int = 1, world_size: int = 1, sharding: str = "ddp",
-                link_bandwidth: float = DEFAULT_LINK_BANDWIDTH) -> StepTime:
+                link_bandwidth: float = DEFAULT_LINK_BANDWIDTH, shard_group_size: int | None = None,
+                gpus_per_node: int = DEFAULT_GPUS_PER_NODE, intra_node_bandwidth: float | None = None) -> StepTime:
     """The predicted step time of one configuration on the machine of ``cal``: its ops
     (:func:`~.steptime.transformer_step_ops`), the optimizer's update over each rank's shard where the sharding
     splits the optimizer state, and the step's collectives (:func:`~.distributed.communication_bytes`, bytes each
-    rank sends) over ``link_bandwidth`` as exposed communication.
-    NB: ZeRO-3/FSDP gather and reduce per micro-batch, the others once per step."""
+    rank sends) as exposed communication: over ``intra_node_bandwidth`` (default ``link_bandwidth``) when the
+    ranks of a collective lie within one node of ``gpus_per_node`` (the whole world, or under ``hsdp`` a shard
+    group of ``shard_group_size`` ranks, consecutive ranks being on one node), else over ``link_bandwidth``.
+    NB: ZeRO-3/FSDP/HSDP gather and reduce per micro-batch (FSDP2 syncs gradients on every backward unless told
+    not to), the others once per step."""
     positive_number("link_bandwidth", link_bandwidth)
-    shards = world_size if sharding != "ddp" else 1
+    positive_int("gpus_per_node", gpus_per_node)
+    intra = link_bandwidth if intra_node_bandwidth is None else positive_number("intra_node_bandwidth",
+                                                                                 intra_node_bandwidth)
+    if sharding == "hsdp":
+        shards = hybrid_groups(world_size, shard_group_size)[1]
+    else:
+        shards = world_size if sharding != "ddp" else 1
     ops = transformer_step_ops(spec, batch, seq_len, precision=precision, optimizer=optimizer,
                                optimizer_impl=optimizer_impl, checkpointing=checkpointing, grad_accum=grad_accum,
                                device=cal.kind, shards=shards)
     comm = 0.0
     if world_size > 1:
         n = n_params(spec)
-        sent = sum(communication_bytes(n, recipe=precision, world_size=world_size, sharding=sharding,
-                                       root_params=n - param_counts(spec).layers).values())
-        if sharding in ("zero3", "fsdp"):
-            sent *= grad_accum
-        comm = communication_seconds(sent, link_bandwidth, world_size=world_size)
+        sent = communication_bytes(n, recipe=precision, world_size=world_size, sharding=sharding,
+                                   root_params=n - param_counts(spec).layers,
+                                   shard_group_size=shard_group_size if sharding == "hsdp" else None)
+        per_step = grad_accum if sharding in ("zero3", "fsdp", "hsdp") else 1
+        for name, nbytes in sent.items():
+            ranks = collective_ranks(name, sharding, world_size, shard_group_size if sharding == "hsdp" else None)
+            # a shard group within a node; the all-reduce across hsdp's groups spans nodes unless the world fits one
+            local = (ranks <= gpus_per_node and not (sharding == "hsdp" and name == "all_reduce")) or (
+                world_size <= gpus_per_node)
+            comm += communication_seconds(nbytes * per_step, intra if local else link_bandwidth,
+                                          world_size=world_size)
     flops = model_flops(spec, batch, seq_len, checkpointing=checkpointing)
     compute = compute_dtype(precision)
     t = step_time(ops, cal, tokens=grad_accum * batch * seq_len,
@@ -103,7 +129,8 @@ class PlanEntry:
 
     def to_dict(self) -> dict[str, object]:
         e = self.estimate
-        return {"precision": e.precision, "sharding": e.sharding, "checkpointing": e.checkpointing,
+        return {"precision": e.precision, "sharding": e.sharding, "shard_group_size": e.shard_group_size,
+                "checkpointing": e.checkpointing,
                 "micro_batch": e.batch, "grad_accum": e.grad_accum, "seq_len": e.seq_len,
                 "world_size": e.world_size, "peak_bytes": e.peak_per_rank, "usable_bytes": self.fit.usable,
                 "memory": e.phases_per_rank, "tokens_per_s": self.tokens_per_s, "time": self.time.to_dict()}
@@ -124,11 +151,16 @@ def plan(
     optimizer_impl: str = "foreach",
     link_bandwidth: float = DEFAULT_LINK_BANDWIDTH,
     top: int = 5,
+    shard_group_sizes: tuple[int, ...] | None = None,
+    gpus_per_node: int = DEFAULT_GPUS_PER_NODE,
+    intra_node_bandwidth: float | None = None,
 ) -> tuple[list[PlanEntry], int]:
     """The ``top`` fastest configurations that fit, fastest first, and how many configurations were tried.
 
     ``global_batch_tokens`` must be a multiple of ``seq_len x gpus``: each rank then runs that many tokens per step
-    as micro-batch x accumulation sequences."""
+    as micro-batch x accumulation sequences. ``hsdp`` is tried with every shard group of ``shard_group_sizes``
+    (default: the powers of two from 2 below ``gpus`` that divide it); its collectives, and those of every scheme,
+    run over ``intra_node_bandwidth`` within a node of ``gpus_per_node`` (:func:`config_time`)."""
     dev = gpu if isinstance(gpu, DeviceSpec) else get_device(gpu)
     positive_int("gpus", gpus)
     positive_int("global_batch_tokens", global_batch_tokens)
@@ -144,8 +176,17 @@ def plan(
     sequences = global_batch_tokens // (seq * gpus)
     cal = calibration or datasheet_calibration(dev)
     # every scheme of the sharding model that needs no more than the world size (hybrid ones need their groups)
-    schemes = tuple(s for s in SHARDINGS if s in _PLAIN) if shardings is None else shardings
+    schemes = tuple(s for s in SHARDINGS if s in (*_PLAIN, "hsdp")) if shardings is None else shardings
     schemes = schemes if gpus > 1 and gpus <= n_params(spec) else ("ddp",)
+    for name in schemes:
+        one_of("shardings", name, SHARDINGS)
+    if shard_group_sizes is None:
+        shard_group_sizes = tuple(2**i for i in range(1, gpus.bit_length()) if 2**i < gpus and gpus % 2**i == 0)
+    for g in shard_group_sizes:
+        hybrid_groups(gpus, g)  # ValueError naming shard_group_size unless it divides the world and shards
+    # (sharding, shard group size): hsdp once per group size, the others once
+    layouts = [(s, g) for s in schemes for g in ((*shard_group_sizes,) if s == "hsdp" else (None,))]
+    n = n_params(spec)
     # a recipe whose compute dtype the machine has no matmul path for (bf16 on a T4) is not tried
     precisions = tuple(p for p in precisions if compute_dtype(p) in cal.matmul)
     micro_batches = [b for b in range(1, sequences + 1) if sequences % b == 0]
@@ -153,11 +194,19 @@ def plan(
     timed: list[tuple[StepTime, int, dict[str, object]]] = []
     tried = 0
     for precision in precisions:
-        for sharding in schemes:
+        for sharding, group in layouts:
+            # the model states at rest, per rank, are a floor of every peak: a layout they overflow is not estimated
+            states = sharded_state_bytes(n, recipe=precision, optimizer=optimizer, world_size=gpus,
+                                         sharding=sharding, shard_group_size=group).total
+            if states > usable:
+                tried += len(checkpointing) * len(micro_batches)
+                continue
             for mode in checkpointing:
                 config: dict[str, object] = {"precision": precision, "optimizer": optimizer, "checkpointing": mode,
                                              "world_size": gpus, "sharding": sharding,
                                              "optimizer_impl": optimizer_impl}
+                if group is not None:
+                    config["shard_group_size"] = group
 
                 def at(layers: int, batch: int, accum: int, config: dict[str, object] = config) -> Estimate:
                     small = spec if layers == spec.n_layers else replace(spec, n_layers=layers)
@@ -172,7 +221,9 @@ def plan(
                         continue
                     t = config_time(spec, batch, seq, cal, precision=precision, optimizer=optimizer,
                                     optimizer_impl=optimizer_impl, checkpointing=mode, grad_accum=accum,
-                                    world_size=gpus, sharding=sharding, link_bandwidth=link_bandwidth)
+                                    world_size=gpus, sharding=sharding, link_bandwidth=link_bandwidth,
+                                    shard_group_size=group, gpus_per_node=gpus_per_node,
+                                    intra_node_bandwidth=intra_node_bandwidth)
                     timed.append((t, peak, {**config, "batch": batch, "grad_accum": accum}))
     timed.sort(key=lambda item: (-item[0].tokens_per_s, item[1]))
     found: list[PlanEntry] = []
@@ -182,8 +233,8 @@ def plan(
             break
         kwargs = dict(chosen)
         batch = int(kwargs.pop("batch"))  # type: ignore[call-overload]
-        group = tuple(v for k, v in sorted(kwargs.items()) if k != "grad_accum")
-        if batch >= too_big.get(group, batch + 1):
+        same = tuple(v for k, v in sorted(kwargs.items()) if k != "grad_accum")
+        if batch >= too_big.get(same, batch + 1):
             continue  # the peak grows with the micro-batch
         # the extrapolated peak screened the candidates; the exact estimate decides
         e = estimate(spec, batch, seq, device="cuda", **kwargs)  # type: ignore[arg-type]
@@ -191,7 +242,7 @@ def plan(
         if fit.fits:
             found.append(PlanEntry(replace(e, fit=fit, time=t), fit, t))
         else:
-            too_big[group] = min(batch, too_big.get(group, batch))
+            too_big[same] = min(batch, too_big.get(same, batch))
     found.sort(key=lambda p: (-p.tokens_per_s, p.estimate.peak_per_rank))  # equal speed: the smaller peak first
     return found, tried
 
@@ -201,7 +252,8 @@ _SMALL = 8  # specs of at most this many blocks are estimated exactly for every 
 # The extrapolated peak only screens: a candidate goes on to the exact estimate (in the order of its predicted
 # speed) unless its extrapolated peak exceeds this many times the usable memory. Over all 360 configurations the
 # planner tries for LLaMA-2-70B on 64 ranks at 4,096 tokens, extrapolated over exact peaks lay between 0.94 and
-# 1.007: a margin of 25% drops nothing that fits.
+# 1.007 (and between 0.81 and 1.0 for its 300 hsdp ones, groups of 2 to 32: an under-estimate only lets more
+# through to the exact estimate): a margin of 25% drops nothing that fits.
 _SCREEN = 1.25
 
 
