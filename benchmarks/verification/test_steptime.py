@@ -285,6 +285,41 @@ def test_calibration_refuses_what_holds_no_run(tmp_path: Path) -> None:
         read_calibration(RESULTS)
 
 
+def _with_launch(tmp_path: Path, entries: list[dict[str, Any]]) -> Path:
+    """The CPU run with ``entries`` (synthetic ``test_launch_overhead`` results) added, written under tmp_path."""
+    run = json.loads(CPU.read_text())
+    copy = next(b for b in run["benchmarks"] if b["name"] == "test_copy_bandwidth")
+    for i, extra in enumerate(entries):
+        run["benchmarks"].append({**copy, "name": f"test_launch_overhead[{i}]", "group": "roofline",
+                                  "fullname": f"benchmarks/performance/test_launch.py::test_launch_overhead[{i}]",
+                                  "extra_info": extra})
+    out = tmp_path / CPU.parent.parent.name / CPU.parent.name / CPU.name
+    out.parent.mkdir(parents=True)
+    out.write_text(json.dumps(run))
+    return out
+
+
+def test_calibration_reads_a_measured_launch_overhead(tmp_path: Path) -> None:
+    # the recorded run has no launch benchmark: the documented 10 us of a CPU op, and the source says so
+    documented = read_calibration(CPU)
+    assert documented.launch_s == 10e-6
+    assert "10 us documented for cpu" in documented.source and "(test_launch_overhead)" not in documented.source
+    # a run that measured it: 1,000 adds in a median 2.5 ms and 3.5 ms in two results are 2.5 and 3.5 us, averaged;
+    # a result without a usable figure (benchmarking disabled: None) is left out
+    path = _with_launch(tmp_path, [{"launch_overhead_s": 2.5e-6}, {"launch_overhead_s": 3.5e-6},
+                                   {"launch_overhead_s": None}])
+    cal = read_calibration(path)
+    assert cal.launch_s == pytest.approx(3e-6)
+    assert "3 us measured (test_launch_overhead)" in cal.source
+    # everything else is the same run's
+    assert cal.matmul == documented.matmul and cal.bandwidth == documented.bandwidth
+    # one op launched: the roofline plus the measured figure
+    t = step_time([Op("add", "forward", bytes=12)], cal, tokens=1, model_flops=0)
+    assert t.phases["forward"].launch_s == pytest.approx(3e-6)
+    # only the figure counts: a result with none falls back as a run without one does
+    assert read_calibration(_with_launch(tmp_path / "none", [{}])).launch_s == 10e-6
+
+
 def test_estimate_gpu_prints_time(capsys: pytest.CaptureFixture[str]) -> None:
     from torchledger.cli import main
 

@@ -57,7 +57,8 @@ DATASHEET_EFFICIENCY = 0.75
 # The fixed cost of one kernel launch or eager op, by device kind, where a calibration does not measure it.
 # CUDA: a kernel launch costs a few microseconds (NVIDIA, "Getting Started with CUDA Graphs", 2019); on the CPU an
 # eager op passes the Python binding, the dispatcher and autograd's recording, about 10 us (PyTorch's
-# "Performance Tuning Guide" on framework overhead for small ops). Neither is fitted to this project's runs.
+# "Performance Tuning Guide" on framework overhead for small ops). Neither is fitted to this project's runs. A run
+# with the roofline group's ``test_launch_overhead`` measures it instead (reporting/calibration.py reads it).
 LAUNCH_OVERHEAD_S: dict[str, float] = {"cuda": 5e-6, "cpu": 10e-6}
 
 # CUDA foreach kernels (aten/src/ATen/native/cuda/MultiTensorApply.cuh): each launch takes at most 36 tensors for a

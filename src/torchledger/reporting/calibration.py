@@ -12,9 +12,12 @@ are read, never a timed training step:
 - the device-to-device copy of the ``roofline`` group (``test_copy_bandwidth``): bytes read plus written over the
   median time.
 
-The per-launch overhead is not measured by these groups: the device kind's documented figure
-(:data:`~torchledger.formulas.steptime.LAUNCH_OVERHEAD_S`) stands in. The datasheet peaks (for MFU) come from the
-hardware table when the run names a GPU of it.
+- the launch overhead of the ``roofline`` group (``test_launch_overhead``: back-to-back adds of one-element tensors,
+  ``launch_overhead_s`` seconds per op at the median call), where the run has it; else the device kind's documented
+  figure (:data:`~torchledger.formulas.steptime.LAUNCH_OVERHEAD_S`) stands in. The calibration's ``source`` says
+  which.
+
+The datasheet peaks (for MFU) come from the hardware table when the run names a GPU of it.
 """
 
 from __future__ import annotations
@@ -58,9 +61,14 @@ def calibration_from_run(run: Run) -> Calibration:
     kind = "cuda" if gpu_name else "cpu"
     samples: dict[tuple[str, tuple[int, int, int]], list[float]] = {}
     bandwidths: list[float] = []
+    launches: list[float] = []
     for result in run.results.values():
         name, extra = _test_name(result), result.extra_info
-        if result.group == "roofline" and name == "test_copy_bandwidth":
+        if result.group == "roofline" and name == "test_launch_overhead":
+            launch = finite(extra.get("launch_overhead_s"))
+            if launch is not None and launch > 0:
+                launches.append(launch)
+        elif result.group == "roofline" and name == "test_copy_bandwidth":
             moved = finite(extra.get("bytes_moved"))
             if moved and moved > 0:
                 bandwidths.append(moved / result.median)
@@ -86,11 +94,18 @@ def calibration_from_run(run: Run) -> Calibration:
             warnings.simplefilter("ignore")
             dev = lookup_device(gpu_name, warn=False)
         peaks = dict(dev.peaks) if dev is not None else {}
+    if launches:
+        launch_s = sum(launches) / len(launches)
+        launch_note = f"launch overhead {launch_s * 1e6:.3g} us measured (test_launch_overhead)"
+    else:
+        launch_s = LAUNCH_OVERHEAD_S[kind]
+        launch_note = f"launch overhead {launch_s * 1e6:.3g} us documented for {kind} (not measured by the run)"
     return Calibration(device=gpu_name or str(info.get("cpu_model") or run.machine),
                        matmul={k: tuple(v) for k, v in matmul.items()},
-                       bandwidth=sum(bandwidths) / len(bandwidths), launch_s=LAUNCH_OVERHEAD_S[kind], kind=kind,
+                       bandwidth=sum(bandwidths) / len(bandwidths), launch_s=launch_s, kind=kind,
                        peaks=peaks,
-                       source=f"the {run.machine} run of commit {run.commit or 'unknown'}, {run.datetime[:10]}")
+                       source=f"the {run.machine} run of commit {run.commit or 'unknown'}, {run.datetime[:10]}; "
+                              f"{launch_note}")
 
 
 def read_calibration(path: str | Path) -> Calibration:
