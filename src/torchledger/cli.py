@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     mea.add_argument("--world-size", type=_positive_int, default=None,
                      help="--simulate: one rank of a job of this many ranks (a fake process group)")
     mea.add_argument("--sharding", choices=list(SIMULATED_SHARDINGS), default=None,
-                     help="--simulate --world-size: PyTorch's FSDP2 (fully_shard) as this sharding")
+                     help="--simulate --world-size: PyTorch's DDP (ddp) or FSDP2 (fully_shard) as this sharding")
     mea.add_argument("--shard-group-size", type=_positive_int, default=None, metavar="RANKS",
                      help="--sharding hsdp: ranks per shard group")
     mea.add_argument("--snapshot", metavar="FILE", default=None,

@@ -24,9 +24,10 @@ from ._validate import one_of, positive_int, positive_number
 from .memory import ModelStates, dtype_bytes, get_recipe, model_state_bytes
 
 SHARDINGS = ("ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp-grad-op", "hsdp")
-#: the shardings :mod:`torchledger.measuring.distributed` runs with PyTorch's own code under FakeTensorMode (zero1
-#: and zero2 have no flat-sharded implementation in PyTorch; DDP's C++ reducer needs real storage)
-SIMULATED_SHARDINGS = ("zero3", "fsdp", "fsdp-grad-op", "hsdp")
+#: the shardings :mod:`torchledger.measuring.distributed` runs with PyTorch's own code under FakeTensorMode and
+#: this model predicts (zero1 and zero2 have no flat-sharded implementation in PyTorch; its ZeroRedundancyOptimizer,
+#: whole tensors per rank, is simulated too but predicted by :mod:`torchledger.formulas.zero_redundancy`)
+SIMULATED_SHARDINGS = ("ddp", "zero3", "fsdp", "fsdp-grad-op", "hsdp")
 #: what each sharding shards: optimizer state (and master weights), gradients, parameters at rest; and whether the
 #: parameters are all-gathered per unit for the forward and again for the backward (``regather``)
 _SHARDED: dict[str, tuple[bool, bool, bool, bool]] = {

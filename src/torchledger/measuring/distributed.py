@@ -9,10 +9,31 @@ What runs, by sharding (the names of :data:`torchledger.formulas.distributed.SHA
 - ``fsdp`` and ``zero3``: ``fully_shard`` on every block, then on the root (embeddings, final norm, head).
 - ``fsdp-grad-op``: the same with ``reshard_after_forward=False`` (SHARD_GRAD_OP).
 - ``hsdp``: ``fully_shard`` over a 2-D mesh (replicate across groups of ``shard_group_size`` ranks, shard within).
+- ``ddp``: ``torch.nn.parallel.DistributedDataParallel`` itself (its C++ reducer, its gradient buckets: 25 MiB
+  each, the first 1 MiB, rebuilt in gradient order after the first step), ``gradient_as_bucket_view=False`` and the
+  other defaults, ``no_sync()`` for all micro-batches but the last. Three things let it run on fake tensors:
+  ``init_sync=False`` (the check that every rank has the same shapes, ``_verify_param_shape_across_processes`` in
+  torch/distributed/utils.py, reads the parameters' data: "The tensor has a non-zero number of elements, but its
+  data is not allocated yet"; on the meta device: "Tensor.item() cannot be called on meta tensors"); a comm hook
+  that divides the bucket by N and all-reduces it as the default does, returning the bucket (the fake process
+  group's work completes with None, which the reducer rejects: "expected the hook result is either a Tensor or a
+  TensorList found None", torch/csrc/distributed/c10d/comm.cpp:114, real tensors alike); and real storage for the
+  few int32 tensors with which the reducer broadcasts its rebuilt bucket assignment (``Reducer::rebuild_buckets``
+  reads them back: "data is not allocated yet" from ``DistributedDataParallel._pre_forward``). The buckets exist
+  from the start of the step: they are counted as ``buckets``. ``broadcast_buffers=False``: the reference models'
+  buffers (rotary tables) are the same on every rank.
+- ``zero1`` (here only, not through the CLI): ``torch.distributed.optim.ZeroRedundancyOptimizer`` over that DDP,
+  whole tensors per rank (:mod:`torchledger.formulas.zero_redundancy` predicts it, not the flat ZeRO-1 model).
 
-``zero1`` and ``zero2`` are not simulated: PyTorch has no flat-sharded implementation of them
-(``ZeroRedundancyOptimizer`` assigns whole tensors to ranks). Nor is ``ddp``: its C++ reducer checks and allocates
-real storage (``_verify_params_across_processes`` fails on fake tensors); two real gloo ranks check it instead.
+``zero2`` is not simulated: PyTorch has no implementation that shards gradients and optimizer state but keeps the
+parameters whole (FSDP2 with ``reshard_after_forward=False`` shards them between steps: that is ``fsdp-grad-op``).
+Other data-parallel paths of PyTorch, and why they are not ``ddp``: ``torch.distributed._composable.replicate``
+wraps DistributedDataParallel (the same failures without the three measures above); the FSDP2-based ``replicate``
+(torch.distributed._composable.replicate_with_fsdp: FSDP2's machinery with a Replicate placement, one all-reduce per
+unit, no buckets) runs here unmodified but is not what ``DistributedDataParallel`` users run; DDP's python reducer
+(``torch._dynamo.config.optimize_ddp = "python_reducer"``) still builds the C++ reducer and its buckets, then
+all-reduces each gradient on its own from a post-accumulate-grad hook: the path compiled autograd traces, not eager
+DDP's.
 
 The recipe's ``MixedPrecisionPolicy`` is the one :func:`torchledger.formulas.distributed.fsdp_policy` names.
 """
@@ -20,6 +41,7 @@ The recipe's ``MixedPrecisionPolicy`` is the one :func:`torchledger.formulas.dis
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,17 +53,21 @@ from torch.utils._pytree import tree_leaves
 
 from torchledger.formulas._validate import one_of, positive_int
 from torchledger.formulas.distributed import SIMULATED_SHARDINGS, fsdp_policy, hybrid_groups
-from torchledger.measuring.memory import MemoryMeasurement, measure_cpu
+from torchledger.measuring.memory import MemoryMeasurement, StorageTracker, measure_cpu
 from torchledger.measuring.training import MemoryCase, check_simulable
 
-__all__ = ["CollectiveCounter", "ShardedMeasurement", "simulate_sharded"]
+__all__ = ["SIMULATED", "CollectiveCounter", "ShardedMeasurement", "simulate_sharded"]
+
+#: what :func:`simulate_sharded` runs: the CLI's shardings and ZeroRedundancyOptimizer as ``zero1``
+SIMULATED = (*SIMULATED_SHARDINGS, "zero1")
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class CollectiveCounter(TorchDispatchMode):
     """Records the payload handed to each c10d collective, in bytes: an all-gather's gathered output, a
-    reduce-scatter's full input, an all-reduce's tensor (summed over the calls), and the number of calls."""
+    reduce-scatter's full input, an all-reduce's or a broadcast's tensor (summed over the calls), and the number of
+    calls."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -57,7 +83,8 @@ class CollectiveCounter(TorchDispatchMode):
             name = func.overloadpacket.__name__
             key, which = ("all_gather", 0) if ("allgather" in name or "all_gather" in name) else (
                 ("reduce_scatter", 1) if "reduce_scatter" in name else (
-                    ("all_reduce", 0) if "allreduce" in name else (None, 0)))
+                    ("all_reduce", 0) if "allreduce" in name else (
+                        ("broadcast", 0) if name.startswith("broadcast") else (None, 0))))
             if key is not None:
                 tensors = [t for t in tree_leaves(args[which]) if isinstance(t, torch.Tensor)]
                 self.add(key, sum(t.numel() * t.element_size() for t in tensors))
@@ -118,10 +145,12 @@ def simulate_sharded(case: MemoryCase, *, world_size: int, sharding: str,
     """Rank 0 of a ``world_size``-rank job training ``case`` (its micro-batch per rank) under ``sharding``,
     simulated: one warm-up step makes the optimizer state, the next is measured."""
     n = positive_int("world_size", world_size)
-    one_of("sharding", sharding, SIMULATED_SHARDINGS)
+    one_of("sharding", sharding, SIMULATED)
     check_simulable(case.config.precision)
     if sharding == "hsdp":
         hybrid_groups(n, shard_group_size)
+    if sharding in _REPLICATED:
+        return _simulate_replicated(case, n, sharding)
     if case.config.optimizer_impl == "fused" and case.config.optimizer in ("sgd", "momentum"):
         raise ValueError(f"optimizer_impl='fused' with optimizer={case.config.optimizer!r}: DTensor has no sharding "
                          "rule for aten._fused_sgd_")
@@ -139,4 +168,98 @@ def simulate_sharded(case: MemoryCase, *, world_size: int, sharding: str,
         counter.calls.clear()
         with counter:
             memory = measure_cpu(lambda: step.step(batches), model, step.optimizer, device="simulated")
+    return ShardedMeasurement(memory, n, sharding, dict(counter.payload), dict(counter.calls))
+
+
+_REPLICATED = ("ddp", "zero1")
+
+
+class _HostIndices(TorchDispatchMode):
+    """Real storage for the int32 tensors DDP's reducer makes (to broadcast its rebuilt bucket assignment and read
+    it back): a few ints, under FakeTensorMode they would have no data to read."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.empty.memory_format and kwargs.get("dtype") is torch.int32:
+            with torch._subclasses.fake_tensor.unset_fake_temporarily():
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+class _BucketTracker(StorageTracker):
+    """The storage tracker, with DDP's gradient buckets (alive before the step) counted from the start."""
+
+    def __init__(self, buckets: list[torch.Tensor]) -> None:
+        super().__init__()
+        self._buckets = buckets
+        self.add_category("buckets", lambda: self._buckets)
+
+    def track(self, model: torch.nn.Module | None = None,
+              optimizer: torch.optim.Optimizer | None = None) -> StorageTracker:
+        for bucket in self._buckets:
+            self._add(bucket)
+        return super().track(model, optimizer)
+
+
+def _wrap_ddp(model: torch.nn.Module, step: Any, world_size: int) -> dict[int, torch.Tensor]:
+    """``model`` under DistributedDataParallel, ``step`` running its forward through it (``no_sync`` for all
+    micro-batches but the last); returns the buckets by index, as the comm hook sees them."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    buckets: dict[int, torch.Tensor] = {}
+
+    def allreduce(_state, bucket):  # type: ignore[no-untyped-def]  # DDP checks the annotations at run time
+        # DDP's default (divide by the world size, all-reduce in place); the fake group's work completes with None,
+        # a real group's with the reduced bucket, which is what the reducer copies back
+        buffer = bucket.buffer()
+        buckets[bucket.index()] = buffer
+        buffer.div_(world_size)
+        return dist.all_reduce(buffer, async_op=True).get_future().then(lambda _fut: buffer)
+
+    # no buffer sync in the forward (``broadcast_buffers``, renamed ``forward_sync_buffers`` in PyTorch 2.13)
+    sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else "broadcast_buffers")
+    options: dict[str, Any] = {sync: False}
+    ddp = DistributedDataParallel(model, init_sync=False, **options)
+    ddp.register_comm_hook(None, allreduce)
+    loss_fn, accum = step.loss_fn, step.config.grad_accum
+    calls = [0]
+
+    def through_ddp(_model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> Any:
+        ddp.require_backward_grad_sync = calls[0] % accum == accum - 1  # what ``ddp.no_sync()`` sets
+        calls[0] += 1
+        return loss_fn(ddp, batch)
+
+    step.loss_fn = through_ddp
+    return buckets
+
+
+def _simulate_replicated(case: MemoryCase, n: int, sharding: str) -> ShardedMeasurement:
+    """``ddp`` (DistributedDataParallel) or ``zero1`` (ZeroRedundancyOptimizer over it), simulated: two warm-up
+    steps (the reducer rebuilds its buckets at the second), then the measured one."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from torchledger.workloads.train_step import make_optimizer
+
+    config = case.config
+    counter = CollectiveCounter()
+    with fake_process_group(n), FakeTensorMode(allow_non_fake_inputs=True), _HostIndices():
+        model, step, batches = case.build("cpu")
+        buckets = _wrap_ddp(model, step, n)
+        local = step.optimizer  # the optimizer whose state the tracker follows
+        if sharding == "zero1":
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            # the local optimizer of each rank's tensors is the case's own (class, implementation, momentum)
+            zero = ZeroRedundancyOptimizer(model.parameters(), lr=config.lr,
+                                           optimizer_class=lambda params, **_: make_optimizer(params, config))  # type: ignore[arg-type]
+            step.optimizer, local = zero, zero.optim
+        step.step(batches)
+        buckets.clear()
+        step.step(batches)  # the rebuilt buckets
+        counter.payload.clear()
+        counter.calls.clear()
+        tracker = _BucketTracker(list(buckets.values()))
+        with counter:
+            memory = measure_cpu(lambda: step.step(batches), model, local, device="simulated", tracker=tracker)
     return ShardedMeasurement(memory, n, sharding, dict(counter.payload), dict(counter.calls))
