@@ -10,6 +10,7 @@ every checkpointing mode, accumulation 1-2, 2 to 16 ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -86,8 +87,13 @@ def test_llama_tiny_tensors_and_partition() -> None:
     assert sorted(i for rank in zero_redundancy_partition(LLAMA_TINY, 2) for i in rank) == list(range(21))
     with pytest.raises(ValueError, match="world_size=0"):
         zero_redundancy_partition(LLAMA_TINY, 0)
-    with pytest.raises(ValueError, match="family"):
-        parameter_tensor_sizes(get_preset("mixtral-tiny"))
+    # Mixtral: a block's norm, q, k, v, o, norm, then the router and each expert's gate, up and down
+    moe = get_preset("mixtral-tiny")
+    d, f, kv, e = moe.d_model, moe.d_ff, moe.kv_dim, moe.n_experts
+    block = [d, d * moe.q_dim, d * kv, d * kv, moe.q_dim * d, d, d * e, *[d * f, d * f, f * d] * e]
+    assert parameter_tensor_sizes(moe) == [moe.vocab_size * d, *block * moe.n_layers, d, moe.vocab_size * d]
+    with pytest.raises(ValueError, match="layout"):  # the reference model has no biases in a LLaMA
+        parameter_tensor_sizes(dataclasses.replace(spec, bias=True))
 
 
 def test_ddp_llama_tiny_on_8_ranks() -> None:

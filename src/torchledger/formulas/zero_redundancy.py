@@ -12,14 +12,14 @@ the gradients, ``gradient_as_bucket_view=False``). After its local step each ran
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from ._validate import positive_int
 from .distributed import shard_elements
 from .memory import OPTIMIZER_STATES, dtype_bytes, get_recipe
 from .sharded_peak import RankPeak, rank_peak_bytes
 from .specs import ModelSpec, param_counts
-from .timeline import StepConfig
+from .timeline import StepConfig, _transformer_params
 
 __all__ = ["ADAM_STEP_BYTES", "parameter_tensor_sizes", "zero_redundancy_partition", "zero_redundancy_payloads",
            "zero_redundancy_rank_peak"]
@@ -28,36 +28,15 @@ __all__ = ["ADAM_STEP_BYTES", "parameter_tensor_sizes", "zero_redundancy_partiti
 ADAM_STEP_BYTES = 4
 
 
-def _gpt2_tensors(spec: ModelSpec) -> list[int]:
-    d, f = spec.d_model, spec.d_ff
-    qkv = spec.q_dim + 2 * spec.kv_dim
-    # ln_1 (weight, bias), c_attn (fused q, k, v; weight, bias), c_proj, ln_2, c_fc, mlp_proj (weight, bias each)
-    block = [d, d, qkv * d, qkv, d * spec.q_dim, d, d, d, f * d, f, d * f, d]
-    positions = [spec.max_seq_len * d] if spec.description.learned_positions else []
-    head = [] if spec.tied_embeddings else [spec.vocab_size * d]
-    return [spec.vocab_size * d, *positions, *block * spec.n_layers, d, d, *head]
-
-
-def _llama_tensors(spec: ModelSpec) -> list[int]:
-    d, f = spec.d_model, spec.d_ff
-    # norm_1, q, k, v, o, norm_2, gate, up, down
-    block = [d, spec.q_dim * d, spec.kv_dim * d, spec.kv_dim * d, d * spec.q_dim, d, f * d, f * d, d * f]
-    head = [] if spec.tied_embeddings else [spec.vocab_size * d]
-    return [spec.vocab_size * d, *block * spec.n_layers, d, *head]
-
-
-_TENSORS: dict[str, Callable[[ModelSpec], list[int]]] = {"gpt2": _gpt2_tensors, "llama": _llama_tensors}
-
-
 def parameter_tensor_sizes(spec: ModelSpec) -> list[int]:
     """Element counts of the reference transformer's parameter tensors (:mod:`torchledger.workloads.models`), in
-    ``model.parameters()`` order: what ZeroRedundancyOptimizer partitions."""
-    build = _TENSORS.get(spec.family)
-    if build is None or spec.bias != (spec.family == "gpt2"):
-        raise ValueError(f"spec.family={spec.family!r}: the tensor layout is known for the dense reference models "
-                         f"({', '.join(_TENSORS)}, with their family's biases)")
-    sizes = build(spec)
-    assert sum(sizes) == param_counts(spec).total
+    ``model.parameters()`` order: what ZeroRedundancyOptimizer partitions. The layout is the timeline's (the
+    family's description), whose order the for-loop optimizer's measured walk already holds to."""
+    sizes = [p.numel for p in _transformer_params(spec)[0]]
+    if sum(sizes) != param_counts(spec).total:
+        raise ValueError(f"spec={spec.name!r}: its parameter tensors are not the reference model's layout "
+                         f"(bias={spec.bias} where the {spec.family} family has "
+                         f"{'biases' if spec.description.bias else 'none'})")
     return sizes
 
 
