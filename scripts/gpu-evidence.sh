@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU evidence of the suite in one command, for a GPU machine with the device's torch installed and no package
 # index (run from a bare checkout: nothing is installed). Within 8 minutes on one H100 or H200 it:
-#   1. measures three real-size training steps with `torchledger measure --device cuda --json --snapshot`;
+#   1. measures three real-size training steps with `torchledger measure --device cuda --json --snapshot`, and
+#      two small cases of the first H200 run that a test worker measured below their prediction, each in a fresh
+#      process (nothing of an earlier case alive), so that their snapshots show whether the gap is the device's;
 #   2. runs the CUDA verification tests (JUnit XML), recording every memory case to memory-cases.jsonl and writing a
 #      memory snapshot for every case more than 1% off its prediction;
 #   3. runs the full benchmark profile, one group at a time, each under its own time limit, with --benchmark-autosave
@@ -33,18 +35,23 @@ el "machine"
   git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -20; } > "$ev/machine.txt" 2>&1
 
 el "measure at real size"
-measure() {  # name, then the flags
+measure() {  # name, then the flags (MEASURE_LIMIT: seconds, default 25)
   local name=$1; shift
-  timeout -k 5 "$(limit 25)" $PY -m torchledger measure --device cuda --json --snapshot "$ev/snapshots/cli-$name.pickle" \
+  timeout -k 5 "$(limit "${MEASURE_LIMIT:-25}")" $PY -m torchledger measure --device cuda --json --snapshot "$ev/snapshots/cli-$name.pickle" \
     "$@" > "$ev/cli-$name.json" 2> "$ev/cli-$name.err"
   echo "rc=$? $name" >> "$ev/timeline.log"
 }
 measure gpt2-small-bf16-mixed --model gpt2-small --batch-size 8 --seq-len 1024 --precision bf16-mixed
 measure gpt2-small-32-true-full --model gpt2-small --batch-size 8 --seq-len 1024 --precision 32-true --checkpointing full
 measure llama-7b-bf16-true --model llama-7b --seq-len 512 --precision bf16-true
+el "measure the small cases measured below their prediction by a test worker, each in a fresh process"
+MEASURE_LIMIT=10 measure llama-tiny-bf16-mixed-fused-full-acc4 --model llama-tiny --batch-size 4 --seq-len 128 \
+  --precision bf16-mixed --optimizer adamw --optimizer-impl fused --checkpointing full --grad-accum 4
+MEASURE_LIMIT=10 measure prefill-gpt-tiny-32-true-1x256 --model gpt-tiny --batch-size 1 --seq-len 256 \
+  --precision 32-true --inference
 
 el "verification (CUDA)"
-timeout -k 5 "$(limit 80)" $PY -m pytest benchmarks/verification -m cuda -n 8 -q -p no:cacheprovider \
+timeout -k 5 "$(limit 60)" $PY -m pytest benchmarks/verification -m cuda -n 8 -q -p no:cacheprovider \
   --junitxml="$ev/verification.xml" --ledger-memory-log="$ev/memory-cases.jsonl" \
   --ledger-snapshot-dir="$ev/snapshots" > "$ev/verification.log" 2>&1
 echo "rc=$? verification" >> "$ev/timeline.log"
@@ -57,7 +64,7 @@ group() {  # name, seconds, files...
   echo "rc=$? $name" >> "$ev/timeline.log"
 }
 group roofline-precision 65 benchmarks/performance/test_roofline.py benchmarks/performance/test_matmul_shapes.py \
-  benchmarks/performance/test_precision.py
+  benchmarks/performance/test_launch.py benchmarks/performance/test_precision.py
 group accumulation-checkpointing 75 benchmarks/performance/test_accumulation_checkpointing.py
 group dataloader 40 benchmarks/performance/test_dataloader.py
 group fusion 45 benchmarks/performance/test_fusion.py

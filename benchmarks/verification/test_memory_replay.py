@@ -12,13 +12,17 @@ the formulas explain it, the mark must go.
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from torchledger.formulas.device import cublas_workspace_bytes
+from torchledger.formulas.specs import get_preset
+from torchledger.measuring import training
 from torchledger.measuring.training import MemoryCase, predict_inference, relative_error
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,16 +77,36 @@ _LT = ("about +1 MiB measured in a GPT workload (biased Linear layers) on CUDA o
        "test of the same worker had made it; the warm-up now makes it before the baseline")
 _CUDNN = ("+1.2 to +3.6 MB measured on CUDA only, in every CNN case: cuDNN's convolution workspaces, chosen per "
           "algorithm at run time (and the head's cuBLASLt workspace), are not predicted")
+# Two cases measured below their prediction by the same test worker (the one that also measured both 32-true GPT
+# cases 1 MiB above theirs), in a run whose CUDA baseline was taken without collecting garbage first: memory that an
+# earlier case left in a reference cycle, held at the baseline and freed during the step, lowers a measured peak (see
+# torchledger.measuring.training.cuda_baseline), and is not ruled out.
+_SAME_WORKER = "below the prediction, measured by the test worker that measured both 32-true GPT cases 1 MiB above: "
 UNEXPLAINED: dict[str, str] = {
     "cuda-nvidia-h200:gpt-tiny-4x128-32-true-adamw-foreach-ckpt_none-acc1": _LT,
     "cuda-nvidia-h200:gpt-tiny-4x128-32-true-momentum-for-loop-ckpt_full-acc1": _LT,
     "cuda-nvidia-h200:gpt-tiny-4x128-bf16-mixed-adamw-fused-ckpt_full-acc4": _LT,
-    "cuda-nvidia-h200:llama-tiny-4x128-bf16-mixed-adamw-fused-ckpt_full-acc4": (
-        "predicted 4.6% above the measurement (756,224 B) under full checkpointing with 4 micro-batches in "
-        "bf16-mixed; the same configuration in bf16-true is within 0.5%: not yet explained"),
-    "cuda-nvidia-h200:prefill-gpt-tiny-32-true-1x256": (
-        "predicted 391,168 B above the measurement, within 2,048 B of the fused qkv tensor (256 x 384 x 4 B): on "
-        "CUDA the fp32 prefill seems not to keep it alive at the MLP; not yet explained"),
+    "cuda-nvidia-h200:llama-tiny-4x128-bf16-mixed-adamw-fused-ckpt_full-acc4": _SAME_WORKER + (
+        "measured 16,550,400 B, with the batches made after that run's baseline (8 x 4,096 B, the prediction "
+        "counting 4,096 B of them): the step peaked 784,896 B below the predicted moment (backward: log_softmax "
+        "grad of micro-batches 2 to 4, the first one's 14,830,080 B plus 2,476,544 B of fp32 gradients) and "
+        "above the next one (nll_loss grad, 1,024,000 B lower); no tensor or set of tensors of that moment has "
+        "this size. The CPU measures this configuration at the same moment within 0.07%; the same H200 run "
+        "measured that loss head in bf16-mixed (1 micro-batch) within 7,168 B and checkpointing with 4 "
+        "micro-batches (bf16-true) within 512 B. Decided by the case measured in a fresh process "
+        "(scripts/gpu-evidence.sh, cli-llama-tiny-bf16-mixed-fused-full-acc4): 17,306,624 B within 3% clears "
+        "this mark; about 16,517,632 B again makes it a CUDA term, which its snapshot then shows"),
+    "cuda-nvidia-h200:prefill-gpt-tiny-32-true-1x256": _SAME_WORKER + (
+        "measured 4,198,400 B, with the prompt's token ids (2,048 B) made after that run's baseline: the prefill "
+        "peaked 393,216 B = 256 x 384 x 4 B, the fused qkv output, below the prediction, whose peak (the last "
+        "block's GELU) holds qkv because the block's q, k, v views of it live until the block returns. The CPU "
+        "measures this configuration at the prediction (0.00%); the same H200 run measured the 4 x 128 fp32 and "
+        "1 x 256 bf16 prefills within 3% of predictions that hold qkv (without it 4 x 128 would read 6,166,528 "
+        "B, below its measured interval [6,746,470, 7,163,777]). That run's baseline held 69,599,232 B = 2 x 32 "
+        "MiB of cuBLAS workspaces + 2 MiB + 393,216 B: 384 KiB held before the baseline, the size of the gap. "
+        "Decided by the case measured in a fresh process (scripts/gpu-evidence.sh, "
+        "cli-prefill-gpt-tiny-32-true-1x256): 4,589,568 B within 3% clears this mark; 4,196,352 B again makes it "
+        "a CUDA term, which its snapshot then shows"),
     **{f"cuda-nvidia-h200:cnn-b8-{c}": _CUDNN for c in (
         "32-true-adamw-foreach-ckpt_none-acc1", "bf16-true-adamw-for-loop-ckpt_none-acc1",
         "bf16-mixed-adamw-fused-ckpt_none-acc4-clip", "bf16-mixed-adamw-foreach-ckpt_none-acc1",
@@ -140,3 +164,77 @@ def test_recorded_gpu_case_is_predicted(record: dict[str, Any]) -> None:
         # the measured peak lies in [lo, hi]; the prediction must be within 3% of some point of it
         assert lo / 1.03 <= predicted <= hi * 1.03, (f"{record['source']}: predicted {predicted:,} B, measured "
                                                      f"between {lo:,} and {hi:,} B")
+
+
+def _record(rid: str) -> dict[str, Any]:
+    return next(record for r, record in RECORDS if r == rid)
+
+
+def test_the_unexplained_prefill_gap_is_the_qkv_output() -> None:
+    # The figures its mark states, from gpt-tiny's dimensions: that run's measurement included the prompt's token
+    # ids (int64, made after its baseline), and the step peaked one fused qkv output (T x 3d fp32) below the
+    # prediction
+    spec = get_preset("gpt-tiny")
+    record = _record("cuda-nvidia-h200:prefill-gpt-tiny-32-true-1x256")
+    tokens = record["case"]["batch"] * record["case"]["seq_len"]
+    ids = tokens * 8
+    qkv = tokens * (spec.q_dim + 2 * spec.kv_dim) * 4
+    assert qkv == 256 * 384 * 4
+    assert _predict(record) - (record["measured"]["peak"] - ids) == qkv
+
+
+def test_the_unexplained_llama_gap_falls_between_two_predicted_moments() -> None:
+    # The figures its mark states: the measurement included the 2 x 4 micro-batches of token ids and targets (int64,
+    # made after its baseline), of which the prediction counts the targets of the micro-batch in flight; the step
+    # peaked between the predicted peak and the next moment, one bf16 log_softmax gradient (B T V x 2 B) lower
+    spec = get_preset("llama-tiny")
+    record = _record("cuda-nvidia-h200:llama-tiny-4x128-bf16-mixed-adamw-fused-ckpt_full-acc4")
+    case = record["case"]
+    tokens = case["batch"] * case["seq_len"]
+    inputs = 2 * case["grad_accum"] * tokens * 8 - tokens * 8
+    step = record["measured"]["peak"] - inputs
+    predicted = _predict(record)
+    assert predicted - step == 784_896
+    assert predicted - tokens * spec.vocab_size * 2 < step < predicted
+
+
+@pytest.mark.parametrize("kind", ["training", "inference"])
+def test_a_cuda_measurement_collects_garbage_before_its_baseline(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An object only a reference cycle holds (as an earlier case's tensors can be) must be gone when the CUDA
+    # baseline is read: freed later, inside the measured step, it would lower the measured peak. The CUDA calls are
+    # replaced, so this runs anywhere.
+    class Held:
+        cycle: object = None
+
+    held = Held()
+    held.cycle = held
+    ref = weakref.ref(held)
+    del held
+    alive_at_baseline: list[bool] = []
+
+    def allocated(device: str) -> int:
+        alive_at_baseline.append(ref() is not None)
+        return 0
+
+    class Step:
+        optimizer = None
+
+        def step(self, batches: object) -> None:
+            pass
+
+    monkeypatch.setattr(training, "cuda_warmup", lambda device: 0)
+    monkeypatch.setattr(training, "cuda_allocated", allocated)
+    monkeypatch.setattr(training, "measure_cuda", lambda fn, **kwargs: fn())
+    monkeypatch.setattr(training, "_inference_run", lambda case, device: (None, lambda: None, None, None))
+    enabled = gc.isenabled()
+    gc.disable()  # only an explicit collection may free it
+    try:
+        assert ref() is not None
+        if kind == "training":
+            training.measure_built(lambda: (None, Step(), []), "cuda")  # type: ignore[arg-type, return-value]
+        else:
+            training.measure_inference(MemoryCase("gpt-tiny", 1, training.TrainConfig(), seq_len=8), "cuda")
+    finally:
+        if enabled:
+            gc.enable()
+    assert alive_at_baseline == [False]
