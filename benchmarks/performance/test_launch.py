@@ -1,22 +1,34 @@
-"""The roofline group's launch overhead: the fixed cost of one eager op on the benchmark's device, for the step-time
-model's calibration (:mod:`torchledger.reporting.calibration` reads ``launch_overhead_s``).
+"""The roofline group's per-op overheads, for the step-time model's calibration
+(:mod:`torchledger.reporting.calibration` reads ``host_overhead_s``).
 
-One timed call issues :data:`LAUNCHES` adds of one-element tensors back to back, then waits for the device (on CUDA
-a ``torch.cuda.synchronize()`` inside the call, so that the figure is the queue's throughput and not only the
-host's issue rate, whatever timer the run uses). The work of each add is one element: what remains is the Python
-binding, the dispatcher, the allocation of the output and, on CUDA, the kernel launch, the per-op cost that the
-step-time model charges once per launch. The figure is the median call over ``LAUNCHES``.
-NB: the add records no autograd graph (its inputs need no gradient); the ops of a training step's forward do.
+``test_launch_overhead``: one timed call issues :data:`LAUNCHES` adds of one-element tensors back to back, then waits
+for the device (on CUDA a ``torch.cuda.synchronize()`` inside the call, so that the figure is the queue's throughput
+and not only the host's issue rate, whatever timer the run uses). What remains is the Python binding, the
+dispatcher, the allocation of the output and, on CUDA, the kernel launch: ``launch_overhead_s``, the median call over
+``LAUNCHES``. NB: the add records no autograd graph and runs in no module: a floor under the cost of a step's op, not
+that cost (the calibration does not charge it).
+
+``test_host_overhead``: the host's cost per op inside a training step, per phase, on a step whose arithmetic is
+negligible (see :data:`HOST_STACKS`): ``host_overhead_s`` (seconds per launch as the step-time model counts the
+launches of that step, by phase), with the dispatched kernels and views, module calls and autograd nodes beside it.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 from typing import Any
 
 import pytest
 import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.performance.conftest import Ledger
+from torchledger.formulas.specs import MLPSpec
+from torchledger.formulas.steptime import mlp_step_ops
+from torchledger.workloads.models import MLP
+from torchledger.workloads.train_step import TrainConfig, make_optimizer
 
 LAUNCHES = 1000  # per timed call: about 5 to 10 ms at a few microseconds per op, far above the timer's resolution
 
@@ -35,3 +47,144 @@ def test_launch_overhead(ledger: Ledger, sizes: dict[str, Any]) -> None:
     seconds = ledger.time(adds, rounds=max(sizes["rounds"], 10), warmup=2, samples=LAUNCHES, events=False,
                           work={"launches": LAUNCHES})
     ledger.record(launch_overhead_s=None if seconds is None else seconds / LAUNCHES)
+
+
+# ------------------------------------------------------------------------------------------------ host cost in a step
+
+# A training step whose arithmetic is negligible: 64 Linear(8, 8) at batch 1. What it takes is the host's cost per
+# op inside a step: nn.Module.__call__, autograd recording each op (forward), the autograd engine running each
+# backward node and accumulating the gradients (backward), the optimizer's per-tensor Python and foreach ops
+# (optimizer), on top of the binding and dispatch that the bare launch above measures.
+HOST_DEPTH = 64
+HOST_WIDTH = 8
+HOST_PHASES = ("forward", "backward", "optimizer")
+# linear-relu: the reference MLP (Linear, ReLU, ..., Linear; cross-entropy), whose ops the step-time model lists
+# itself (formulas/steptime.py mlp_step_ops): one module call per forward kernel. tanh-residual-block: blocks
+# x + tanh(x W^T + b) * s, one module call per 4 forward kernels (addmm, tanh, mul, add), 3 parameters per block:
+# if the host cost were per module call, per autograd node or per view rather than per kernel, the two stacks'
+# figures per kernel would differ. They do on the 2-core EPYC (forward 6.4 against 4.2 us, backward 4.9 against
+# 3.9, optimizer 1.4 in both): about 3.5 us per forward kernel plus 2.8 us per module call, 3.9 us per autograd
+# node; the model charges the first stack's figure per launch (README, step time).
+# NB: ops that enter an OpenMP region even on 8 elements are left out (LayerNorm's backward: about 40 us a call on
+# this suite's 2-core EPYC, up to a millisecond while the other core is busy), and so is the exact GELU (about
+# 24 us on 8 elements there): fixed costs of those kernels, not the host's cost per op.
+HOST_STACKS = ("linear-relu", "tanh-residual-block")
+
+
+class _Block(nn.Module):
+    """x + tanh(x W^T + b) * s, in one module call."""
+
+    def __init__(self, width: int, device: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(width, width, device=device) / width**0.5)
+        self.bias = nn.Parameter(torch.zeros(width, device=device))
+        self.scale = nn.Parameter(torch.ones(width, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(nn.functional.linear(x, self.weight, self.bias)) * self.scale  # (1, width)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Kernels (ops that are not views) and views dispatched, per phase; a foreach op counts once per tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = HOST_PHASES[0]
+        self.kernels = dict.fromkeys(HOST_PHASES, 0)
+        self.views = dict.fromkeys(HOST_PHASES, 0)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        first = args[0] if args else None
+        n = len(first) if func.__name__.startswith("_foreach") and isinstance(first, (list, tuple)) else 1
+        (self.views if func.is_view else self.kernels)[self.phase] += n
+        return func(*args, **(kwargs or {}))
+
+
+def _host_stack(stack: str, device: str) -> tuple[nn.Module, int]:
+    """The stack's model and its forward module calls."""
+    torch.manual_seed(0)
+    if stack == "linear-relu":
+        model: nn.Module = MLP(MLPSpec((HOST_WIDTH,) * (HOST_DEPTH + 1)), device=device)
+    else:
+        model = nn.Sequential(*(_Block(HOST_WIDTH, device) for _ in range(HOST_DEPTH)),
+                              nn.Linear(HOST_WIDTH, HOST_WIDTH, device=device))
+    return model, sum(1 for _ in model.modules()) - 1  # the root Sequential's call is one more
+
+
+def _backward_nodes(loss: torch.Tensor) -> int:
+    """The autograd graph's nodes behind ``loss`` (AccumulateGrad included): what the engine runs."""
+    seen: set[Any] = set()
+    todo = [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(fn for fn, _ in node.next_functions)
+    return len(seen)
+
+
+@pytest.mark.benchmark(group="roofline")
+@pytest.mark.parametrize("stack", HOST_STACKS)
+def test_host_overhead(ledger: Ledger, sizes: dict[str, Any], stack: str) -> None:
+    """One training step (forward and cross-entropy, backward, AdamW foreach and zero_grad, as TrainStep runs
+    32-true) of a deep stack of tiny layers, timed like the other steps; each phase timed inside every call, its
+    median over the rounds divided by the phase's kernels: the host's seconds per op of that phase."""
+    device = ledger.device
+    model, modules = _host_stack(stack, device)
+    optimizer = make_optimizer(model.parameters(), TrainConfig("32-true", "adamw", "foreach"))
+    x = torch.randn(1, HOST_WIDTH, device=device)  # (1, 8)
+    y = torch.zeros(1, dtype=torch.long, device=device)
+    phases: dict[str, list[float]] = {p: [] for p in HOST_PHASES}
+    counter: _OpCounter | None = None
+
+    def step() -> None:
+        t0 = time.perf_counter()
+        with torch.autocast(torch.device(device).type, enabled=False):  # as TrainStep enters it under 32-true
+            loss = nn.functional.cross_entropy(model(x), y) / 1  # / grad_accum
+        ledger.sync()
+        t1 = time.perf_counter()
+        if counter is not None:
+            counter.phase = "backward"
+        loss.backward()
+        ledger.sync()
+        t2 = time.perf_counter()
+        if counter is not None:
+            counter.phase = "optimizer"
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ledger.sync()
+        t3 = time.perf_counter()
+        for phase, seconds in zip(HOST_PHASES, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+            phases[phase].append(seconds)
+
+    step()  # the optimizer's state
+    nodes = _backward_nodes(nn.functional.cross_entropy(model(x), y) / 1)
+    optimizer.zero_grad(set_to_none=True)
+    counter = _OpCounter()
+    with counter:
+        step()
+    kernels, views = counter.kernels, counter.views
+    counter = None
+    for values in phases.values():
+        values.clear()
+    rounds = max(sizes["rounds"], 50)  # a few ms per step: 50 rounds for a median on a shared machine
+    seconds = ledger.time(step, rounds=rounds, warmup=5, batches=1, events=False,
+                          work={"stack": stack, "depth": HOST_DEPTH, "width": HOST_WIDTH, "batch": 1})
+    timed = {p: sorted(v[-rounds:]) for p, v in phases.items()}  # the timed rounds (warmup rounds come first)
+    median = {p: statistics.median(v) for p, v in timed.items()}
+    info: dict[str, Any] = {
+        "stack": stack, "dispatched_kernels": kernels, "dispatched_views": views, "module_calls": modules + 1,
+        "backward_nodes": nodes, "optimizer_tensors": sum(1 for _ in model.parameters()),
+        "phase_median_s": None if seconds is None else median,
+        "phase_quartiles_s": None if seconds is None else {
+            p: [v[len(v) // 4], v[(3 * len(v)) // 4]] for p, v in timed.items()},
+        "per_kernel_s": None if seconds is None else {p: median[p] / kernels[p] for p in HOST_PHASES},
+    }
+    if stack == "linear-relu":  # the stack whose ops the model lists: seconds per op as the model counts them
+        spec = MLPSpec((HOST_WIDTH,) * (HOST_DEPTH + 1))
+        ops = mlp_step_ops(spec, 1, device="cuda" if ledger.cuda else "cpu")
+        launches = {p: sum(op.launches * op.count for op in ops if op.phase == p) for p in HOST_PHASES}
+        info["model_launches"] = launches
+        info["host_overhead_s"] = None if seconds is None else {p: median[p] / launches[p] for p in HOST_PHASES}
+    ledger.record(**info)

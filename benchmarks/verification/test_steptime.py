@@ -285,13 +285,13 @@ def test_calibration_refuses_what_holds_no_run(tmp_path: Path) -> None:
         read_calibration(RESULTS)
 
 
-def _with_launch(tmp_path: Path, entries: list[dict[str, Any]]) -> Path:
-    """The CPU run with ``entries`` (synthetic ``test_launch_overhead`` results) added, written under tmp_path."""
+def _with_results(tmp_path: Path, entries: list[tuple[str, dict[str, Any]]]) -> Path:
+    """The CPU run with synthetic roofline results added, (test name, extra_info) each, written under tmp_path."""
     run = json.loads(CPU.read_text())
     copy = next(b for b in run["benchmarks"] if b["name"] == "test_copy_bandwidth")
-    for i, extra in enumerate(entries):
-        run["benchmarks"].append({**copy, "name": f"test_launch_overhead[{i}]", "group": "roofline",
-                                  "fullname": f"benchmarks/performance/test_launch.py::test_launch_overhead[{i}]",
+    for i, (test, extra) in enumerate(entries):
+        run["benchmarks"].append({**copy, "name": f"{test}[{i}]", "group": "roofline",
+                                  "fullname": f"benchmarks/performance/test_launch.py::{test}[{i}]",
                                   "extra_info": extra})
     out = tmp_path / CPU.parent.parent.name / CPU.parent.name / CPU.name
     out.parent.mkdir(parents=True)
@@ -299,25 +299,80 @@ def _with_launch(tmp_path: Path, entries: list[dict[str, Any]]) -> Path:
     return out
 
 
-def test_calibration_reads_a_measured_launch_overhead(tmp_path: Path) -> None:
-    # the recorded run has no launch benchmark: the documented 10 us of a CPU op, and the source says so
+# the tiny stack of test_host_overhead: 64 Linear(8, 8) with ReLU between them, batch 1
+_STACK = MLPSpec((8,) * 65)
+
+
+def test_calibration_reads_the_host_cost_per_op(tmp_path: Path) -> None:
+    # the recorded run has no host benchmark: the documented 10 us of a CPU op for every phase, and the source says so
     documented = read_calibration(CPU)
-    assert documented.launch_s == 10e-6
-    assert "10 us documented for cpu" in documented.source and "(test_launch_overhead)" not in documented.source
-    # a run that measured it: 1,000 adds in a median 2.5 ms and 3.5 ms in two results are 2.5 and 3.5 us, averaged;
-    # a result without a usable figure (benchmarking disabled: None) is left out
-    path = _with_launch(tmp_path, [{"launch_overhead_s": 2.5e-6}, {"launch_overhead_s": 3.5e-6},
-                                   {"launch_overhead_s": None}])
-    cal = read_calibration(path)
-    assert cal.launch_s == pytest.approx(3e-6)
-    assert "3 us measured (test_launch_overhead)" in cal.source
-    # everything else is the same run's
-    assert cal.matmul == documented.matmul and cal.bandwidth == documented.bandwidth
-    # one op launched: the roofline plus the measured figure
-    t = step_time([Op("add", "forward", bytes=12)], cal, tokens=1, model_flops=0)
-    assert t.phases["forward"].launch_s == pytest.approx(3e-6)
+    assert documented.launch_s == 10e-6 and documented.host_s == {}
+    assert all(documented.per_launch(p) == 10e-6 for p in ("forward", "backward", "recompute", "optimizer"))
+    assert "10 us documented for cpu" in documented.source and "test_host_overhead" in documented.source
+    # a run that measured it twice: 6 and 8 us forward, 4 and 6 us backward, 2 and 3 us optimizer, averaged; a result
+    # without figures (benchmarking disabled: None), the other stack's result (per dispatched kernel, not per
+    # launch of the model) and the bare launch (1.2 us: not a step's op) are not charged
+    host = [("test_host_overhead", {"host_overhead_s": {"forward": 6e-6, "backward": 4e-6, "optimizer": 2e-6}}),
+            ("test_host_overhead", {"host_overhead_s": {"forward": 8e-6, "backward": 6e-6, "optimizer": 3e-6}}),
+            ("test_host_overhead", {"host_overhead_s": None}),
+            ("test_host_overhead", {"per_kernel_s": {"forward": 1e-3, "backward": 1e-3, "optimizer": 1e-3}}),
+            ("test_launch_overhead", {"launch_overhead_s": 1.2e-6})]
+    cal = read_calibration(_with_results(tmp_path, host))
+    assert cal.host_s == pytest.approx({"forward": 7e-6, "backward": 5e-6, "optimizer": 2.5e-6})
+    assert cal.launch_s == 10e-6
+    assert "host cost per op measured (test_host_overhead): forward 7 us, backward 5 us, optimizer 2.5 us" \
+        in cal.source
+    assert cal.matmul == documented.matmul and cal.bandwidth == documented.bandwidth  # the rest: the same run's
+    # per phase in the step: the stack's own op list. Forward: 64 addmm, 63 relu, 1 log_softmax = 128 launches;
+    # backward: 63 dgrad mm (the first layer's input needs none), 64 wgrad mm, 64 bias sums, 63 relu backward, 3 for
+    # nll + log_softmax = 257; optimizer: AdamW foreach on the CPU, 8 kernels x 128 tensors, one by one = 1,024
+    ops = mlp_step_ops(_STACK, 1, device="cpu")
+    t = step_time(ops, cal, tokens=1, model_flops=0)
+    assert t.phases["forward"].launch_s == pytest.approx(128 * 7e-6)
+    assert t.phases["backward"].launch_s == pytest.approx(257 * 5e-6)
+    assert t.phases["optimizer"].launch_s == pytest.approx(1024 * 2.5e-6)
+    # a run with the forward alone measured: the others fall back to the documented figure, and the source says so
+    partial = read_calibration(_with_results(tmp_path / "partial",
+                                             [("test_host_overhead", {"host_overhead_s": {"forward": 6e-6}})]))
+    assert partial.per_launch("forward") == 6e-6 and partial.per_launch("backward") == 10e-6
+    assert "backward, optimizer 10 us documented for cpu" in partial.source
     # only the figure counts: a result with none falls back as a run without one does
-    assert read_calibration(_with_launch(tmp_path / "none", [{}])).launch_s == 10e-6
+    assert read_calibration(_with_results(tmp_path / "none", [("test_host_overhead", {})])).host_s == {}
+
+
+def test_calibration_reads_the_copy_as_the_benchmark_records_it_now(tmp_path: Path) -> None:
+    # test_copy_bandwidth records the bytes copied as work.bytes (ledger.time keeps bytes_moved for its comparable
+    # figure only): a copy reads and writes them, 2 x 64 MiB over the median
+    run = json.loads(CPU.read_text())
+    copy = next(b for b in run["benchmarks"] if b["name"] == "test_copy_bandwidth")
+    copy["extra_info"] = {"work": {"profile": "small", "bytes": 64 * 2**20}}
+    copy["stats"]["median"] = 0.004
+    out = tmp_path / CPU.parent.parent.name / CPU.parent.name / CPU.name
+    out.parent.mkdir(parents=True)
+    out.write_text(json.dumps(run))
+    assert read_calibration(out).bandwidth == pytest.approx(2 * 64 * 2**20 / 0.004)
+
+
+def test_launches_are_charged_per_phase() -> None:
+    cal = _cal(launch_s=10e-6, host_s={"forward": 7e-6, "backward": 5e-6, "optimizer": 2e-6})
+    ops = [Op("a", "forward", bytes=0, launches=2), Op("b", "backward", bytes=0, launches=3, count=2),
+           Op("c", "recompute", bytes=0, launches=1), Op("d", "optimizer", bytes=0, launches=4)]
+    t = step_time(ops, cal, tokens=1, model_flops=0)
+    assert t.phases["forward"].launch_s == pytest.approx(2 * 7e-6)
+    assert t.phases["backward"].launch_s == pytest.approx(3 * 2 * 5e-6)
+    assert t.phases["recompute"].launch_s == pytest.approx(7e-6)  # the forward's ops again: the forward's figure
+    assert t.phases["optimizer"].launch_s == pytest.approx(4 * 2e-6)
+    assert t.phases["optimizer"].bound == "launch"
+    # a phase measured on its own keeps its figure; a phase not measured takes launch_s
+    assert _cal(launch_s=10e-6, host_s={"recompute": 9e-6}).per_launch("recompute") == 9e-6
+    assert _cal(launch_s=10e-6, host_s={"backward": 5e-6}).per_launch("forward") == 10e-6
+    assert _cal(launch_s=10e-6, host_s={"backward": 5e-6}).per_launch("recompute") == 10e-6
+    with pytest.raises(ValueError, match="host_s='communication'"):
+        _cal(host_s={"communication": 1e-6})
+    with pytest.raises(ValueError, match="host_s\\['forward'\\]"):
+        _cal(host_s={"forward": -1e-6})
+    with pytest.raises(ValueError, match="phase='sideways'"):
+        _cal().per_launch("sideways")
 
 
 def test_estimate_gpu_prints_time(capsys: pytest.CaptureFixture[str]) -> None:

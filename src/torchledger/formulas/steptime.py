@@ -8,18 +8,21 @@ the recipe's dtypes. One op takes
     time = max(FLOPs / achievable FLOP/s for its dtype and shape, bytes / achievable bandwidth) + launches x overhead
 
 (the roofline of Williams et al. 2009 per op, as PyTorch's ``RuntimeEstimator`` estimates each op; the overhead is
-the fixed cost of issuing one kernel or eager op), and the phases (forward, backward, recompute, optimizer) are the
-sums of their ops. Communication is an input in seconds (from the sharding model, :mod:`.distributed`), added as
-exposed time: no overlap with the backward is assumed, so it is an upper bound where the framework overlaps.
+the host's fixed cost of one op inside a training step, per phase: the forward's module calls and autograd
+recording, the backward's autograd engine, the optimizer's per-tensor Python, on top of issuing the kernel), and the
+phases (forward, backward, recompute, optimizer) are the sums of their ops. Communication is an input in seconds
+(from the sharding model, :mod:`.distributed`), added as exposed time: no overlap with the backward is assumed, so
+it is an upper bound where the framework overlaps.
 
 The ceilings come from a :class:`Calibration`: achievable matmul FLOP/s at a few measured shapes per dtype, the
-achievable memory bandwidth (a device-to-device copy) and the per-launch overhead. A matmul's rate is the
-measured rate of its very shape where the calibration has it, else interpolated piecewise-linearly in log(FLOPs of
-the matmul) between the measured shapes of its dtype and held at the nearest measured shape outside them (NB: a
-shape smaller than every measured one gets the smallest one's rate; the bytes term of the roofline is what slows
-small and skinny matmuls then). The attention kernel is costed as a matmul of its batched QK^T shape (NB: flash
-attention reaches less of the peak than a GEMM of its FLOPs). Where no run exists, :func:`datasheet_calibration`
-takes the hardware table's peaks scaled by :data:`DATASHEET_EFFICIENCY`.
+achievable memory bandwidth (a device-to-device copy) and the per-launch overhead, measured per phase where the run
+has it (:attr:`Calibration.host_s`). A matmul's rate is the measured rate of its very shape where the calibration
+has it, else interpolated piecewise-linearly in log(FLOPs of the matmul) between the measured shapes of its dtype
+and held at the nearest measured shape outside them (NB: a shape smaller than every measured one gets the smallest
+one's rate; the bytes term of the roofline is what slows small and skinny matmuls then). The attention kernel is
+costed as a matmul of its batched QK^T shape (NB: flash attention reaches less of the peak than a GEMM of its
+FLOPs). Where no run exists, :func:`datasheet_calibration` takes the hardware table's peaks scaled by
+:data:`DATASHEET_EFFICIENCY`.
 
 MFU (PaLM, Chowdhery et al. 2022, App. B) counts the model's FLOPs (forward and backward, no recomputation); HFU
 counts the FLOPs the hardware runs (recomputation included). Both are over the dense datasheet peak of the
@@ -48,6 +51,7 @@ __all__ = [
 
 PHASES: tuple[str, ...] = ("forward", "backward", "recompute", "optimizer", "communication")
 BOUNDS: tuple[str, ...] = ("compute", "memory", "launch", "communication")
+_LAUNCH_PHASES = PHASES[:-1]  # the phases made of ops (communication is given in seconds)
 
 # PyTorch's RuntimeEstimator (torch/distributed/_tools/runtime_estimator.py) takes 0.75 of the datasheet FLOP/s as
 # what a matmul achieves; the same fraction is applied here to the datasheet bandwidth where no run was measured.
@@ -58,7 +62,7 @@ DATASHEET_EFFICIENCY = 0.75
 # CUDA: a kernel launch costs a few microseconds (NVIDIA, "Getting Started with CUDA Graphs", 2019); on the CPU an
 # eager op passes the Python binding, the dispatcher and autograd's recording, about 10 us (PyTorch's
 # "Performance Tuning Guide" on framework overhead for small ops). Neither is fitted to this project's runs. A run
-# with the roofline group's ``test_launch_overhead`` measures it instead (reporting/calibration.py reads it).
+# with the roofline group's ``test_host_overhead`` measures it per phase instead (reporting/calibration.py reads it).
 LAUNCH_OVERHEAD_S: dict[str, float] = {"cuda": 5e-6, "cpu": 10e-6}
 
 # CUDA foreach kernels (aten/src/ATen/native/cuda/MultiTensorApply.cuh): each launch takes at most 36 tensors for a
@@ -84,7 +88,8 @@ class MatmulPoint:
 @dataclass(frozen=True)
 class Calibration:
     """The achievable ceilings of one machine: matmul FLOP/s by peak dtype at measured shapes, bandwidth (bytes/s,
-    read plus written), the per-launch overhead in seconds, and where they came from."""
+    read plus written), the per-launch overhead in seconds (``launch_s``; ``host_s``: measured per phase, which
+    wins where given), and where they came from."""
 
     device: str
     matmul: dict[str, tuple[MatmulPoint, ...]]
@@ -93,11 +98,16 @@ class Calibration:
     kind: str = "cuda"
     peaks: dict[str, float] = field(default_factory=dict)
     source: str = ""
+    host_s: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         positive_number("bandwidth", self.bandwidth)
         if not (isinstance(self.launch_s, (int, float)) and self.launch_s >= 0):
             raise ValueError(f"launch_s={self.launch_s!r} must be a number >= 0")
+        for phase, seconds in self.host_s.items():
+            one_of("host_s", phase, _LAUNCH_PHASES)
+            if not (isinstance(seconds, (int, float)) and seconds >= 0):
+                raise ValueError(f"host_s[{phase!r}]={seconds!r} must be a number >= 0")
         one_of("kind", self.kind, ("cuda", "cpu"))
         for dtype, points in self.matmul.items():
             if not points:
@@ -128,6 +138,17 @@ class Calibration:
             if x <= x1:
                 return r0 + (x - x0) / (x1 - x0) * (r1 - r0)
         return ordered[-1][1]
+
+    def per_launch(self, phase: str) -> float:
+        """Seconds charged per launch of an op of ``phase``: the measured host cost per op of that phase, else
+        ``launch_s``. The recompute re-runs the forward's ops: the forward's figure where it has none of its own.
+        NB: checkpoint's own hooks (saving, unpacking, a second graph) are not in the forward's figure."""
+        one_of("phase", phase, PHASES)
+        if phase in self.host_s:
+            return self.host_s[phase]
+        if phase == "recompute" and "forward" in self.host_s:
+            return self.host_s["forward"]
+        return self.launch_s
 
     def peak(self, dtype: str) -> float | None:
         """The datasheet peak of ``dtype`` (for MFU), None where the machine has no table entry."""
@@ -167,7 +188,7 @@ def op_seconds(op: Op, cal: Calibration) -> tuple[float, float, float]:
     if op.flops:
         m, k, n = op.shape if op.shape is not None else (1, 1, max(1, op.flops // 2))
         compute = op.flops / cal.matmul_rate(op.dtype, m, k, n)
-    return compute, op.bytes / cal.bandwidth, op.launches * cal.launch_s
+    return compute, op.bytes / cal.bandwidth, op.launches * cal.per_launch(op.phase)
 
 
 @dataclass(frozen=True)

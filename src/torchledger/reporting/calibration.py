@@ -9,13 +9,15 @@ are read, never a timed training step:
   ``shape``, or the edge of a square matmul of the recorded FLOPs) and its achieved FLOP/s (FLOPs over the median
   wall time of a call, the statistic the timed steps report); repeated measurements of one shape and dtype are
   averaged;
-- the device-to-device copy of the ``roofline`` group (``test_copy_bandwidth``): bytes read plus written over the
-  median time.
+- the device-to-device copy of the ``roofline`` group (``test_copy_bandwidth``): bytes read plus written
+  (``bytes_moved`` in the runs that recorded it, else twice the copied ``work.bytes``) over the median time.
 
-- the launch overhead of the ``roofline`` group (``test_launch_overhead``: back-to-back adds of one-element tensors,
-  ``launch_overhead_s`` seconds per op at the median call), where the run has it; else the device kind's documented
-  figure (:data:`~torchledger.formulas.steptime.LAUNCH_OVERHEAD_S`) stands in. The calibration's ``source`` says
-  which.
+- the host's cost per op inside a training step, per phase, from the ``roofline`` group's ``test_host_overhead``
+  (``host_overhead_s``: a step of 64 Linear(8, 8) at batch 1, each phase's median seconds over the launches the
+  step-time model lists for that step; results of one run averaged), where the run has it; else the device kind's
+  documented figure (:data:`~torchledger.formulas.steptime.LAUNCH_OVERHEAD_S`) stands in. The bare launch of
+  ``test_launch_overhead`` (one-element adds, no module, no autograd) is not charged: it is a floor under the cost
+  of a step's op, not that cost. The calibration's ``source`` says which figure was used.
 
 The datasheet peaks (for MFU) come from the hardware table when the run names a GPU of it.
 """
@@ -30,7 +32,10 @@ from torchledger.formulas.hardware import lookup_device, peak_dtype
 from torchledger.formulas.steptime import LAUNCH_OVERHEAD_S, Calibration, MatmulPoint
 from torchledger.reporting.results import Result, Run, finite, newest_results, read_runs
 
-__all__ = ["calibration_from_run", "read_calibration"]
+__all__ = ["HOST_PHASES", "calibration_from_run", "read_calibration"]
+
+# The phases test_host_overhead measures (the recompute takes the forward's figure: Calibration.per_launch)
+HOST_PHASES = ("forward", "backward", "optimizer")
 
 _MATMUL_TESTS = ("test_biggest_matmul", "test_matmul", "test_matmul_shape")
 
@@ -61,15 +66,19 @@ def calibration_from_run(run: Run) -> Calibration:
     kind = "cuda" if gpu_name else "cpu"
     samples: dict[tuple[str, tuple[int, int, int]], list[float]] = {}
     bandwidths: list[float] = []
-    launches: list[float] = []
+    host: dict[str, list[float]] = {}
     for result in run.results.values():
         name, extra = _test_name(result), result.extra_info
-        if result.group == "roofline" and name == "test_launch_overhead":
-            launch = finite(extra.get("launch_overhead_s"))
-            if launch is not None and launch > 0:
-                launches.append(launch)
+        if result.group == "roofline" and name == "test_host_overhead":
+            figures = extra.get("host_overhead_s")
+            for phase, value in (figures.items() if isinstance(figures, dict) else ()):
+                seconds = finite(value)
+                if phase in HOST_PHASES and seconds is not None and seconds > 0:
+                    host.setdefault(phase, []).append(seconds)
         elif result.group == "roofline" and name == "test_copy_bandwidth":
-            moved = finite(extra.get("bytes_moved"))
+            work = extra.get("work")
+            copied = finite(work.get("bytes")) if isinstance(work, dict) else None
+            moved = finite(extra.get("bytes_moved")) or (2 * copied if copied else None)  # read and written
             if moved and moved > 0:
                 bandwidths.append(moved / result.median)
         elif result.group in ("roofline", "precision") and name in _MATMUL_TESTS:
@@ -94,16 +103,21 @@ def calibration_from_run(run: Run) -> Calibration:
             warnings.simplefilter("ignore")
             dev = lookup_device(gpu_name, warn=False)
         peaks = dict(dev.peaks) if dev is not None else {}
-    if launches:
-        launch_s = sum(launches) / len(launches)
-        launch_note = f"launch overhead {launch_s * 1e6:.3g} us measured (test_launch_overhead)"
+    launch_s = LAUNCH_OVERHEAD_S[kind]
+    host_s = {phase: sum(v) / len(v) for phase, v in host.items()}
+    if host_s:
+        launch_note = "host cost per op measured (test_host_overhead): " + ", ".join(
+            f"{phase} {seconds * 1e6:.3g} us" for phase, seconds in host_s.items())
+        missing = [p for p in HOST_PHASES if p not in host_s]
+        if missing:
+            launch_note += f"; {', '.join(missing)} {launch_s * 1e6:.3g} us documented for {kind}"
     else:
-        launch_s = LAUNCH_OVERHEAD_S[kind]
-        launch_note = f"launch overhead {launch_s * 1e6:.3g} us documented for {kind} (not measured by the run)"
+        launch_note = (f"launch overhead {launch_s * 1e6:.3g} us documented for {kind} (the run has no "
+                       "test_host_overhead)")
     return Calibration(device=gpu_name or str(info.get("cpu_model") or run.machine),
                        matmul={k: tuple(v) for k, v in matmul.items()},
                        bandwidth=sum(bandwidths) / len(bandwidths), launch_s=launch_s, kind=kind,
-                       peaks=peaks,
+                       peaks=peaks, host_s=host_s,
                        source=f"the {run.machine} run of commit {run.commit or 'unknown'}, {run.datetime[:10]}; "
                               f"{launch_note}")
 
