@@ -409,7 +409,11 @@ def test_estimate_bad_calibration_exits_2(capsys: pytest.CaptureFixture[str], tm
 
     assert main(["estimate", "--model", "gpt2-small", "--calibration", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "--calibration" in err and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"torchledger estimate: error: --calibration {tmp_path}")
+    assert len(err.strip().splitlines()) == 1
+    assert main(["plan", "--model", "gpt2-small", "--gpu", "h100-sxm", "--gpus", "8", "--global-batch-tokens",
+                 str(8 * 1024), "--calibration", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"torchledger plan: error: --calibration {tmp_path}")
 
 
 def test_step_time_validates() -> None:

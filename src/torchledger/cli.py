@@ -477,8 +477,9 @@ def _run_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibration(gpu: str | None, path: str | None) -> Any:
-    """The calibration of ``--calibration PATH``, else the datasheet one of ``--gpu``; bad usage when unreadable."""
+def _calibration(gpu: str | None, path: str | None, command: str) -> Any:
+    """The calibration of ``--calibration PATH``, else the datasheet one of ``--gpu``; bad usage (naming
+    ``command``) when unreadable."""
     from torchledger.formulas.steptime import datasheet_calibration
 
     if path is None:
@@ -488,7 +489,7 @@ def _calibration(gpu: str | None, path: str | None) -> Any:
     try:
         return read_calibration(path)
     except ValueError as exc:
-        raise UsageError(f"torchledger: error: --calibration {path}: {exc}") from None
+        raise UsageError(f"torchledger {command}: error: --calibration {path}: {exc}") from None
 
 
 def _with_time(e: Estimate, gpu: str | None, path: str | None) -> Estimate:
@@ -496,7 +497,7 @@ def _with_time(e: Estimate, gpu: str | None, path: str | None) -> Estimate:
 
     from torchledger.formulas.planner import compute_dtype, estimate_time
 
-    cal = _calibration(gpu, path)
+    cal = _calibration(gpu, path, "estimate")
     dtype = compute_dtype(e.precision)
     if dtype not in cal.matmul:  # bf16 on a T4: the fit stands, the time is not predicted
         print(f"torchledger estimate: warning: no step time: {cal.device} has no {dtype} matmul path "
@@ -554,7 +555,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     if args.global_batch_tokens % (seq_len * args.gpus):
         raise UsageError(f"torchledger plan: error: --global-batch-tokens {args.global_batch_tokens} is not a "
                          f"multiple of --seq-len x --gpus = {seq_len} x {args.gpus} = {seq_len * args.gpus}")
-    cal = _calibration(args.gpu, args.calibration)
+    cal = _calibration(args.gpu, args.calibration, "plan")
     if cal.kind != "cuda":
         raise UsageError(f"torchledger plan: error: --calibration {args.calibration}: the runs of a CPU "
                          f"({cal.device}) cannot time steps on --gpu {args.gpu}")
