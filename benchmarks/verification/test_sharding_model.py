@@ -14,6 +14,7 @@ from benchmarks.verification.test_memory_random import RANDOM, SEED
 from torchledger.cli import main
 from torchledger.formulas import distributed as D
 from torchledger.formulas.estimate import estimate
+from torchledger.formulas.sharded_peak import hsdp_all_reduce_buffer_bytes
 from torchledger.formulas.specs import get_preset, param_counts
 from torchledger.formulas.vocabulary import STEP_CHECKPOINTING
 
@@ -67,9 +68,18 @@ def test_equal_states_give_equal_figures(model: str, group: int, replicas: int, 
         return estimate(spec, 2, seq, precision=precision, checkpointing=checkpointing, grad_accum=grad_accum,
                         world_size=world, sharding=sharding, shard_group_size=g).phases_per_rank
 
-    # zero3 and fsdp name the same states; hybrid sharding holds, per rank, what fsdp over one group holds
+    # zero3 and fsdp name the same states; hybrid sharding holds, per rank, what fsdp over one group holds, and in
+    # a later micro-batch's backward the all-reduce buffers of the blocks already reduced (at most all of them: one
+    # fp32 shard each under these recipes' policies, the reduce dtype being the parameters')
     assert rank("zero3", group) == rank("fsdp", group)
-    assert rank("hsdp", group * replicas, group) == rank("fsdp", group)
+    hsdp, fsdp = rank("hsdp", group * replicas, group), rank("fsdp", group)
+    if grad_accum == 1:
+        assert hsdp == fsdp
+    else:
+        assert hsdp["forward"] == fsdp["forward"] and hsdp["optimizer"] == fsdp["optimizer"]
+        block_shard = -(-param_counts(spec).per_layer // group)
+        reduce_bytes = 2 if precision == "bf16-true" else 4
+        assert 0 <= hsdp["backward"] - fsdp["backward"] <= spec.n_layers * block_shard * reduce_bytes
 
 
 if RANDOM:  # TORCHLEDGER_RANDOM_SEED picks the examples (see test_memory_random.py)
@@ -120,6 +130,40 @@ def test_hybrid_payloads_and_groups() -> None:
     seconds = D.step_communication_seconds(payloads, sharding="hsdp", world_size=32, shard_group_size=8,
                                            interconnect="nvlink4", inter_node="ib-ndr400")
     assert seconds["all_reduce"] == pytest.approx(sent["all_reduce"] / 50e9 + 6 * 6.6e-6 + 8.4e-6)
+
+
+def test_hsdp_keeps_its_all_reduce_buffers() -> None:
+    # FSDP2 (_fsdp_param_group.py, AllReduceState) keeps each reduced unit's all-reduce buffer, one gradient shard
+    # in reduce_dtype, to the end of the backward; beyond the gradient itself only in a later micro-batch (the new
+    # shard is added into the kept one) or where the reduce dtype is not the parameters' (the gradient is a cast)
+    assert hsdp_all_reduce_buffer_bytes(1000, "bf16-mixed", later_micro_batch=False) == 0  # fp32 = the gradient
+    assert hsdp_all_reduce_buffer_bytes(1000, "bf16-mixed", later_micro_batch=True) == 1000 * 4
+    assert hsdp_all_reduce_buffer_bytes(1000, "bf16-true", later_micro_batch=True) == 1000 * 2
+    for later in (False, True):  # bf16 parameters reduced in fp32
+        assert hsdp_all_reduce_buffer_bytes(1000, "bf16-mixed-master", later_micro_batch=later) == 1000 * 4
+    with pytest.raises(ValueError, match="shard_elements=-1"):
+        hsdp_all_reduce_buffer_bytes(-1, "bf16-mixed", later_micro_batch=True)
+    with pytest.raises(ValueError, match="fp64"):
+        hsdp_all_reduce_buffer_bytes(1, "fp64", later_micro_batch=True)
+
+    # LLaMA-7B, bf16-mixed, 2 micro-batches of 2 x 256 tokens, 16 ranks in groups of 4 against fsdp over 4 ranks:
+    # both peak in the second micro-batch's backward at block 30, block 31 already reduced, where hybrid sharding
+    # also keeps block 31's all-reduce buffer: a quarter of a block's 4 d^2 + 3 d d_ff + 2 d elements, in fp32
+    d, d_ff = 4096, 11008
+    block = 4 * d * d + 3 * d * d_ff + 2 * d
+    assert block == 202_383_360
+    kw = dict(precision="bf16-mixed", grad_accum=2)
+    hsdp = estimate(get_preset("llama-7b"), 2, 256, world_size=16, sharding="hsdp", shard_group_size=4, **kw)
+    fsdp = estimate(get_preset("llama-7b"), 2, 256, world_size=4, sharding="fsdp", **kw)
+    assert hsdp.rank_peak is not None and fsdp.rank_peak is not None
+    moment = "backward: block 30 attn.q weight grad cast (micro-batch 2)"
+    assert hsdp.rank_peak.moment == fsdp.rank_peak.moment == moment
+    assert hsdp.peak_per_rank - fsdp.peak_per_rank == block // 4 * 4
+    # one micro-batch: the reduce output is the gradient shard itself, nothing kept beside it
+    one = dict(precision="bf16-mixed", grad_accum=1)
+    assert estimate(get_preset("llama-7b"), 2, 256, world_size=16, sharding="hsdp", shard_group_size=4,
+                    **one).peak_per_rank == estimate(get_preset("llama-7b"), 2, 256, world_size=4, sharding="fsdp",
+                                                     **one).peak_per_rank
 
 
 def test_fsdp_policy_dtypes() -> None:

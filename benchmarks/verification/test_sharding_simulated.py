@@ -58,6 +58,12 @@ def sharded_cases(draw: st.DrawFn) -> tuple[MemoryCase, str, int, int | None]:
 
 
 def _compare(case: MemoryCase, sharding: str, world: int, group: int | None) -> tuple[float, str]:
+    err, report, _, _ = _rank(case, sharding, world, group)
+    return err, report
+
+
+def _rank(case: MemoryCase, sharding: str, world: int, group: int | None) -> tuple[float, str, int, int]:
+    """The relative error, its report, the predicted and the measured peak of one simulated rank."""
     c = case.config
     spec = case.transformer_spec()
     predicted = estimate(spec, case.batch, case.seq_len, precision=c.precision, optimizer=c.optimizer,
@@ -78,7 +84,7 @@ def _compare(case: MemoryCase, sharding: str, world: int, group: int | None) -> 
                                   root_params=counts.total - counts.layers, shard_group_size=group)
     per_micro_batch = {k: v * c.grad_accum for k, v in formula.items()}
     assert measured.collective_payload == per_micro_batch, (measured.collective_payload, per_micro_batch, report)
-    return err, report
+    return err, report, predicted.peak_per_rank, measured.memory.peak
 
 
 def _sample(n: int) -> list[tuple[MemoryCase, str, int, int | None]]:
@@ -99,10 +105,12 @@ def _sample(n: int) -> list[tuple[MemoryCase, str, int, int | None]]:
 def test_random_sharded_ranks() -> None:
     """A sample of ``SAMPLE`` configurations: at least 90% within 2%, every one within 6%, every payload exact.
 
-    NB: over 13 seeds (312 configurations) 298 were within 2%, the worst 5.33%, and two seeds drew 3 misses of 24
-    (below the 90% asked here). Every miss inspected (those two seeds' six) is hybrid sharding, not yet explained:
-    under bf16-mixed with full checkpointing and 2 micro-batches the rank holds 10 to 18 kB more in the second
-    micro-batch's backward than the walk has; with every-other checkpointing the walk is 2 to 4% off as well."""
+    NB: over seeds 0-15 (384 configurations) 374 are within 2%, the worst 5.33%; one seed (9) draws 3 misses of 24,
+    below the 90% asked here. Every miss left is the single-device walk's (``formulas.timeline``), also missed by
+    ``fsdp`` over the same ranks: see ``test_walk_gaps_the_sharded_rank_inherits``; at the worst (an ``fsdp``
+    rank, 32-true, one LLaMA block of width 48) the walk's final RMSNorm backward is short of the decomposed
+    kernel's temporaries, 3.8% on one device. Hybrid sharding's all-reduce buffers kept in a later micro-batch
+    (``test_hybrid_sharding_keeps_all_reduce_buffers_in_a_later_micro_batch``) were 9 more misses, up to 5.3%."""
     sample = _sample(SAMPLE)
     assert len(sample) >= SAMPLE - 2
     results = [_compare(*drawn) for drawn in sample]
@@ -112,6 +120,51 @@ def test_random_sharded_ranks() -> None:
     assert sum(e <= TOLERANCE for e in errors) >= 0.9 * len(errors), [r for e, r in results if e > TOLERANCE]
     for err, report in results:
         assert err <= HARD, report
+
+
+@pytest.mark.parametrize(("spec", "batch", "seq_len", "config"), [
+    # drawn by the random test (seeds 12 and 0), 3.97% and 5.08% apart while the model left the buffers out
+    (ModelSpec("random-llama", "llama", 2, 128, 4, vocab_size=400, max_seq_len=128, n_kv_heads=2, d_ff=464), 1, 25,
+     TrainConfig("bf16-mixed", "adam", "fused", "every-other", 2)),
+    (ModelSpec("random-gpt2", "gpt2", 2, 64, 4, vocab_size=416, max_seq_len=128, d_ff=256), 1, 52,
+     TrainConfig("32-true", "sgd", "foreach", "full", 2)),
+])
+def test_hybrid_sharding_keeps_all_reduce_buffers_in_a_later_micro_batch(spec: ModelSpec, batch: int, seq_len: int,
+                                                                         config: TrainConfig) -> None:
+    """Under hybrid sharding FSDP2 keeps each reduced block's all-reduce buffer (``AllReduceState``) to the end of
+    the backward; in the second micro-batch that buffer is no longer the gradient (the new shard is added into the
+    kept one), so the rank holds more than ``fsdp`` over one group does, by what the model says (within 1%)."""
+    case = MemoryCase(spec.name, batch, config, seq_len=seq_len, spec=spec)
+    err, report, predicted, measured = _rank(case, "hsdp", 4, 2)
+    assert err <= TOLERANCE, report
+    _, _, predicted_fsdp, measured_fsdp = _rank(case, "fsdp", 2, None)
+    held = measured - measured_fsdp
+    assert held > 0
+    # the two peaks fall at different moments, each with the single-device walk's few hundred bytes of error
+    assert abs(held - (predicted - predicted_fsdp)) <= 0.01 * held, (held, predicted - predicted_fsdp, report)
+
+
+@pytest.mark.xfail(strict=True, reason="the single-device walk (formulas.timeline) frees what the step still holds")
+@pytest.mark.parametrize(("spec", "batch", "seq_len", "config", "sharding", "world", "group"), [
+    # drawn by the random test (seed 9), 2.59% apart, 9,920 B short in the second micro-batch's recomputation of
+    # block 1: the targets of both micro-batches (the caller's storage, 2 x 62 x 8 B, counted from its first view)
+    # and the bf16 cast of the incoming gradient (2 x 62 x 32 x 2 B) that the residual add's backward makes before
+    # the recomputation starts (the add saves nothing; non-reentrant checkpointing recomputes at the first unpack)
+    (ModelSpec("random-llama", "llama", 2, 32, 4, vocab_size=32, max_seq_len=128, n_kv_heads=4, d_ff=16), 2, 62,
+     TrainConfig("bf16-mixed", "adam", "fused", "full", 2), "hsdp", 8, 4),
+    # drawn by the random test (seed 12), 2.43% apart, 67,584 B short at the checkpointed block's forward GELU: the
+    # block's locals keep the qkv projection (3 x 11 x 384 x 4 B) and the attention output (3 x 11 x 128 x 4 B)
+    # to the end of the block, where no saved tensor keeps them
+    (ModelSpec("random-gpt2", "gpt2", 1, 128, 4, vocab_size=32, max_seq_len=128, d_ff=512), 3, 11,
+     TrainConfig("32-true", "momentum", "for-loop", "every-other", 1), "hsdp", 4, 2),
+])
+def test_walk_gaps_the_sharded_rank_inherits(spec: ModelSpec, batch: int, seq_len: int, config: TrainConfig,
+                                             sharding: str, world: int, group: int | None) -> None:
+    """Small shapes where the per-rank model's single-device walk misses tensors the step holds; the same bytes
+    are missed by ``fsdp`` over one group and by one device, where the larger states hide them."""
+    case = MemoryCase(spec.name, batch, config, seq_len=seq_len, spec=spec)
+    err, report = _compare(case, sharding, world, group)
+    assert err <= TOLERANCE, report
 
 
 @pytest.mark.parametrize("checkpointing", STEP_CHECKPOINTING)

@@ -22,7 +22,9 @@ the model states and what the sharding adds, and one model gives them for every 
 - ``ddp``: its gradient buckets, as large as the gradients (``gradient_as_bucket_view=False``, the default).
 
 Units: one per block, and the root. Hybrid sharding (``hsdp``) shards within ``shard_group_size`` ranks and
-replicates across groups: per rank, the figures of ``fsdp`` over ``shard_group_size`` ranks.
+replicates across groups: per rank, the figures of ``fsdp`` over ``shard_group_size`` ranks, plus the all-reduce
+buffers FSDP2 keeps to the end of the backward (:func:`hsdp_all_reduce_buffer_bytes`): in a later micro-batch of
+accumulation, and in every micro-batch where the reduce dtype differs from the parameters' dtype.
 
 NB: shards are ``ceil(unit elements / N)`` per unit (FSDP2 pads each tensor's first dimension to a multiple of N:
 equal whenever N divides it); with accumulation, the later micro-batches are the first one's moments plus the
@@ -34,13 +36,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._validate import one_of, positive_int
+from ._validate import non_negative_int, one_of, positive_int
 from .distributed import _SHARDED, SHARDINGS, fsdp_policy, hybrid_groups
 from .memory import OPTIMIZER_STATES, dtype_bytes, get_recipe
 from .specs import ModelSpec, param_counts
 from .timeline import Moment, StepConfig, _TransformerStep
 
-__all__ = ["RankPeak", "rank_peak_bytes", "sharded_ranks"]
+__all__ = ["RankPeak", "hsdp_all_reduce_buffer_bytes", "rank_peak_bytes", "sharded_ranks"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,33 @@ def sharded_ranks(sharding: str, world_size: int, shard_group_size: int | None =
     one_of("sharding", sharding, SHARDINGS)
     n = positive_int("world_size", world_size)
     return hybrid_groups(n, shard_group_size)[1] if sharding == "hsdp" else n
+
+
+def hsdp_all_reduce_buffer_bytes(shard_elements: int, recipe: str, *, later_micro_batch: bool) -> int:
+    """Bytes hybrid sharding keeps beside the gradient shards of the units already reduced in this backward, whose
+    gradient shards total ``shard_elements`` (per rank), under ``recipe``'s FSDP2 policy (:func:`fsdp_policy`).
+
+    FSDP2's ``foreach_reduce`` (``torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py``) reduce-scatters a
+    unit's gradients into a new ``reduce_output`` (one shard, in ``reduce_dtype``) and, under HSDP, all-reduces it
+    in place across the replica groups and returns it as ``all_reduce_input``; ``FSDPParamGroup.post_backward``
+    (``_fsdp_param_group.py``) keeps it in ``_all_reduce_state`` (``AllReduceState``, so that the caching allocator
+    cannot hand its block to the next unit's reduce-scatter while the all-reduce runs) until
+    ``finalize_backward`` clears it at the end of the backward. Whether that costs bytes beyond the gradient:
+
+    - the first micro-batch, reduce dtype equal to the parameters' dtype: ``reduce_output`` becomes the sharded
+      gradient itself (viewed out into ``sharded_param.grad``): nothing more;
+    - a later micro-batch of accumulation: the new shard is added into the kept gradient
+      (``sharded_param.grad._local_tensor += new_sharded_grad``) and ``reduce_output`` stays referenced: one more
+      shard in ``reduce_dtype`` per reduced unit (plain FSDP frees it after the addition);
+    - reduce dtype other than the parameters' (``*-mixed-master``): the gradient is a cast copy
+      (``_to_dtype_if_needed``), ``reduce_output`` the kept buffer, in every micro-batch.
+    """
+    n = non_negative_int("shard_elements", shard_elements)
+    r = get_recipe(recipe)
+    reduce = fsdp_policy(r.name)[1]
+    if not later_micro_batch and reduce == r.param_dtype:
+        return 0
+    return n * dtype_bytes(reduce)
 
 
 def _walk_moments(spec: ModelSpec, batch: int, seq_len: int, config: StepConfig, device: str,
@@ -163,6 +192,7 @@ def rank_peak_bytes(spec: ModelSpec, batch: int, seq_len: int, config: StepConfi
                 # the previous unit's reduce-scatter input, kept until this unit's reduce-scatter
                 if d > 0:
                     extra += F * rd
+                extra += all_reduce_kept(d, later=False)
             elif phase == "optimizer":
                 grads_r = shard_total * p
         if phase == "optimizer" and shard_opt:
@@ -179,12 +209,22 @@ def rank_peak_bytes(spec: ModelSpec, batch: int, seq_len: int, config: StepConfi
         if total > best[1]:
             best = (f"{phase}: {label}", total)
 
-    def take(phase: str, total: int, label: str, ctx: int | str = "head") -> None:
+    def all_reduce_kept(units: int, *, later: bool) -> int:
+        """HSDP's all-reduce buffers of ``units`` reduced blocks, kept to the end of the backward."""
+        if sharding != "hsdp" or units <= 0:
+            return 0
+        return hsdp_all_reduce_buffer_bytes(units * S, config.recipe, later_micro_batch=later)
+
+    def take(phase: str, total: int, label: str, ctx: int | str = "head", reducing: bool = False) -> None:
+        """``reducing``: the moment of a block's reduce-scatter, its own buffers not yet made."""
         record(phase, total, label)
         if accumulating and phase != "optimizer":
             # a later micro-batch repeats the first one's moments beside the gradient shards kept between them
             # (FSDP2 reduce-scatters every micro-batch and adds each new shard into the kept one)
             later = shard_total * p - (done_blocks(ctx) * S * p if phase == "backward" else 0)
+            if phase == "backward":  # and, under hsdp, the reduced units' all-reduce buffers
+                reduced = done_blocks(ctx) - (1 if reducing else 0)
+                later += all_reduce_kept(reduced, later=True) - all_reduce_kept(reduced, later=False)
             record(phase, total + later, f"{label} (micro-batch 2)")
 
     accumulating = False
@@ -227,8 +267,8 @@ def rank_peak_bytes(spec: ModelSpec, batch: int, seq_len: int, config: StepConfi
                 before = per_rank(m, "backward", new_ctx, None) - m.size
                 if shard_params and regather and isinstance(new_ctx, int) and new_ctx > 0:
                     before -= F * pg  # the block after next is prefetched only after this reduce-scatter
-                before += -S * p + F * g
-                take("backward", before, f"block {done_unit} reduce-scatter", new_ctx)
+                before += -S * p + F * g - all_reduce_kept(1, later=False)  # its all-reduce buffer not yet made
+                take("backward", before, f"block {done_unit} reduce-scatter", new_ctx, reducing=True)
             if new_ctx != context and isinstance(new_ctx, int) and shard_params and regather:
                 # the block's copy-out of its prefetched all-gather: its parameters beside the flat output
                 before = per_rank(m, "backward", new_ctx, None) - m.size + (F * pg if new_ctx == 0 else 0)
