@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from benchmarks.performance.conftest import Ledger
 from torchledger.formulas.specs import MLPSpec
 from torchledger.formulas.steptime import mlp_step_ops
+from torchledger.reporting.calibration import HOST_PHASES  # the phases the calibration reads back
 from torchledger.workloads.models import MLP
 from torchledger.workloads.train_step import TrainConfig, make_optimizer
 
@@ -57,7 +58,6 @@ def test_launch_overhead(ledger: Ledger, sizes: dict[str, Any]) -> None:
 # (optimizer), on top of the binding and dispatch that the bare launch above measures.
 HOST_DEPTH = 64
 HOST_WIDTH = 8
-HOST_PHASES = ("forward", "backward", "optimizer")
 # linear-relu: the reference MLP (Linear, ReLU, ..., Linear; cross-entropy), whose ops the step-time model lists
 # itself (formulas/steptime.py mlp_step_ops): one module call per forward kernel. tanh-residual-block: blocks
 # x + tanh(x W^T + b) * s, one module call per 4 forward kernels (addmm, tanh, mul, add), 3 parameters per block:

@@ -88,6 +88,20 @@ def test_forward_failing_on_meta_keeps_the_formula(
     assert len(lines) == 1 and "fails on meta tensors" in lines[0] and "Traceback" not in err
 
 
+def test_a_failing_profiler_pass_keeps_the_counts_of_the_first_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the profiler runs a pass of its own after hooks and dispatcher: its failure must not discard their counts
+    def fails(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("profiler unavailable")
+
+    monkeypatch.setattr(model_count, "count_with_profiler", fails)
+    from torchledger.formulas.specs import get_preset
+
+    report = model_count.count_model(get_preset("gpt-tiny"), 1, 16, profiler=True)
+    assert report.figure("dispatch") == report.figure("hooks") == report.formula
+    assert report.counters["profiler"] is None
+    assert len(report.errors) == 1 and "profiler unavailable" in report.errors[0]
+
+
 GPT2_TINY = {"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 1000, "n_positions": 256}
 
 

@@ -106,6 +106,14 @@ def test_hsdp_communication_is_ring_arithmetic_over_the_two_links() -> None:
     gather16, reduce16 = 2 * (shard16 * 16) * 2 - root * 2, shard16 * 16 * 2
     assert t16.phases["communication"].seconds == pytest.approx(
         (15 / 16 * (gather16 + reduce16) + shard16 * 2) / inter)
+    # groups of 4 on nodes of 6 (consecutive ranks): the second group, ranks 4-7, straddles two nodes, so the
+    # gathers and reduce-scatters wait on the slower link too; 3 replicas all-reduce 2 x 2 / 3 of a bf16 shard
+    t4 = config_time(spec, 1, 1024, cal, precision="bf16-true", world_size=12, sharding="hsdp", shard_group_size=4,
+                     gpus_per_node=6, intra_node_bandwidth=intra, link_bandwidth=inter)
+    shard4 = -(-n // 4)
+    gather4, reduce4 = 2 * (shard4 * 4) * 2 - root * 2, shard4 * 4 * 2
+    assert t4.phases["communication"].seconds == pytest.approx(
+        (3 / 4 * (gather4 + reduce4) + 2 * 2 / 3 * shard4 * 2) / inter)
     # the optimizer updates one rank's 1/8 of the parameters: as fsdp on one group of 8
     fsdp8 = config_time(spec, 1, 1024, cal, precision="bf16-true", world_size=8, sharding="fsdp")
     assert t.phases["optimizer"].seconds == pytest.approx(fsdp8.phases["optimizer"].seconds)
@@ -126,6 +134,14 @@ def test_plan_tries_every_power_of_two_shard_group() -> None:
         plan(spec, "H100 SXM", 16, 16 * 128 * 2, 128, shard_group_sizes=(3,))
     with pytest.raises(ValueError, match="shardings="):
         plan(spec, "H100 SXM", 16, 16 * 128 * 2, 128, shardings=("ring",))
+    with pytest.raises(ValueError, match="shardings='ring'"):  # one GPU runs ddp only: the name is still checked
+        plan(spec, "H100 SXM", 1, 128 * 2, 128, shardings=("ring",))
+    # the link arguments are checked before anything is tried, not only when a configuration reaches the timing
+    for kwargs, message in [({"gpus_per_node": 0}, "gpus_per_node=0"),
+                            ({"intra_node_bandwidth": -1.0}, "intra_node_bandwidth=-1"),
+                            ({"link_bandwidth": 0.0}, "link_bandwidth=0")]:
+        with pytest.raises(ValueError, match=message):
+            plan(spec, "H100 SXM", 16, 16 * 128 * 2, 128, precisions=(), **kwargs)  # type: ignore[arg-type]
 
 
 def test_plan_rejects_a_batch_that_does_not_split() -> None:

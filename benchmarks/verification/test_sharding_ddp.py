@@ -87,6 +87,10 @@ def test_llama_tiny_tensors_and_partition() -> None:
     assert sorted(i for rank in zero_redundancy_partition(LLAMA_TINY, 2) for i in rank) == list(range(21))
     with pytest.raises(ValueError, match="world_size=0"):
         zero_redundancy_partition(LLAMA_TINY, 0)
+    with pytest.raises(ValueError, match=r"config\.optimizer='lion'"):
+        zero_redundancy_rank_peak(spec, 1, 16, StepConfig("32-true", "lion"), world_size=2)
+    with pytest.raises(ValueError, match="rank=2"):
+        zero_redundancy_rank_peak(spec, 1, 16, StepConfig(), world_size=2, rank=2)
     # Mixtral: a block's norm, q, k, v, o, norm, then the router and each expert's gate, up and down
     moe = get_preset("mixtral-tiny")
     d, f, kv, e = moe.d_model, moe.d_ff, moe.kv_dim, moe.n_experts
@@ -195,3 +199,9 @@ def test_measure_cli_simulates_a_ddp_rank(capsys: pytest.CaptureFixture[str]) ->
         assert main(["measure", "--simulate", "--model", "llama-tiny", "--world-size", "8", "--sharding",
                      sharding]) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    # one rank shards and reduces nothing (DDP would still build its buckets): bad usage, not a 1-rank "job"
+    for sharding in ("ddp", "fsdp"):
+        assert main(["measure", "--simulate", "--model", "llama-tiny", "--world-size", "1", "--sharding",
+                     sharding]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("torchledger measure: error: --world-size 1") and len(err.strip().splitlines()) == 1

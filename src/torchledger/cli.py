@@ -814,6 +814,9 @@ def _run_measure_sharded(args: argparse.Namespace) -> int:
         raise UsageError(f"{fail} --world-size and --sharding measure one simulated rank: add --simulate")
     if args.world_size is None or args.sharding is None:
         raise UsageError(f"{fail} --simulate of a sharded job takes both --world-size N and --sharding S")
+    if args.world_size < 2:  # one rank shards and reduces nothing, while DDP still builds its buckets
+        raise UsageError(f"{fail} --world-size {args.world_size}: a sharded simulation needs 2 ranks or more "
+                         "(one rank is --simulate without --world-size and --sharding)")
     _check_sharding_flags(args, "measure")
     if args.inference or args.snapshot or args.model in REFERENCE_WORKLOADS:
         raise UsageError(f"{fail} a sharded simulation trains a transformer preset (no --inference, --snapshot, "

@@ -56,14 +56,21 @@ class CountReport:
         }
 
 
-def count_every_way(model: nn.Module, step: Callable[[], Tensor], *, backward: bool,
-                    profiler: bool) -> dict[str, FlopCount | None]:
+def count_every_way(model: nn.Module, step: Callable[[], Tensor], *, backward: bool, profiler: bool,
+                    counters: dict[str, FlopCount | None] | None = None) -> dict[str, FlopCount | None]:
     """Hooks and the dispatcher in one pass of ``step`` (a forward returning the scalar to differentiate), the
-    profiler in a pass of its own when asked for (see the module's docstring for why)."""
+    profiler in a pass of its own when asked for (see the module's docstring for why).
+
+    Each figure is written into ``counters`` (a new dict when None) as soon as it is counted, so that a caller
+    catching a failure of a later pass keeps what the earlier ones counted."""
+    counted: dict[str, FlopCount | None] = (
+        {"hooks": None, "dispatch": None, "profiler": None} if counters is None else counters)
     with HookCounter(model, backward=backward) as hooks:
-        dispatch = count_with_dispatch(model, step, backward=backward)
-    return {"hooks": hooks.result, "dispatch": dispatch,
-            "profiler": count_with_profiler(model, step, backward=backward) if profiler else None}
+        counted["dispatch"] = count_with_dispatch(model, step, backward=backward)
+    counted["hooks"] = hooks.result
+    if profiler:
+        counted["profiler"] = count_with_profiler(model, step, backward=backward)
+    return counted
 
 
 def _hf_model(path: str | os.PathLike[str]) -> nn.Module:
@@ -116,7 +123,7 @@ def count_model(
         return loss
 
     try:
-        report.counters = count_every_way(model, step, backward=backward, profiler=profiler)
+        count_every_way(model, step, backward=backward, profiler=profiler, counters=report.counters)
     except Exception as exc:  # the model's own code failed on meta tensors: report it, keep what ran
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         report.errors.append(f"the model's forward/backward fails on meta tensors: {type(exc).__name__}: {first}")

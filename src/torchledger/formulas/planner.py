@@ -95,8 +95,10 @@ def config_time(spec: ModelSpec, batch: int, seq_len: int, cal: Calibration, *, 
         per_step = grad_accum if sharding in ("zero3", "fsdp", "hsdp") else 1
         for name, nbytes in sent.items():
             ranks = collective_ranks(name, sharding, world_size, shard_group_size if sharding == "hsdp" else None)
-            # a shard group within a node; the all-reduce across hsdp's groups spans nodes unless the world fits one
-            local = (ranks <= gpus_per_node and not (sharding == "hsdp" and name == "all_reduce")) or (
+            # a shard group within a node (every group, consecutive ranks: the group size divides the node's GPUs,
+            # else some group straddles two nodes); the all-reduce across hsdp's groups spans nodes unless the world
+            # fits one
+            local = (gpus_per_node % ranks == 0 and not (sharding == "hsdp" and name == "all_reduce")) or (
                 world_size <= gpus_per_node)
             comm += communication_seconds(nbytes * per_step, intra if local else link_bandwidth,
                                           world_size=world_size)
@@ -165,6 +167,10 @@ def plan(
     positive_int("gpus", gpus)
     positive_int("global_batch_tokens", global_batch_tokens)
     positive_int("top", top)
+    positive_number("link_bandwidth", link_bandwidth)
+    positive_int("gpus_per_node", gpus_per_node)
+    if intra_node_bandwidth is not None:
+        positive_number("intra_node_bandwidth", intra_node_bandwidth)
     for mode in checkpointing:
         one_of("checkpointing", mode, STEP_CHECKPOINTING)
     seq = check_seq_len(spec, spec.max_seq_len if seq_len is None else seq_len)
@@ -177,9 +183,9 @@ def plan(
     cal = calibration or datasheet_calibration(dev)
     # every scheme of the sharding model that needs no more than the world size (hybrid ones need their groups)
     schemes = tuple(s for s in SHARDINGS if s in (*_PLAIN, "hsdp")) if shardings is None else shardings
-    schemes = schemes if gpus > 1 and gpus <= n_params(spec) else ("ddp",)
-    for name in schemes:
+    for name in schemes:  # named ones are checked even where one GPU leaves only ddp
         one_of("shardings", name, SHARDINGS)
+    schemes = schemes if gpus > 1 and gpus <= n_params(spec) else ("ddp",)
     if shard_group_sizes is None:
         shard_group_sizes = tuple(2**i for i in range(1, gpus.bit_length()) if 2**i < gpus and gpus % 2**i == 0)
     for g in shard_group_sizes:

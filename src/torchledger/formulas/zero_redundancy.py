@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ._validate import positive_int
+from ._validate import one_of, positive_int
 from .distributed import shard_elements
 from .memory import OPTIMIZER_STATES, dtype_bytes, get_recipe
 from .sharded_peak import RankPeak, rank_peak_bytes
@@ -80,7 +80,7 @@ def zero_redundancy_rank_peak(spec: ModelSpec, batch: int, seq_len: int, config:
     owned = zero_redundancy_partition(sizes, n_ranks)[rank]
     n = sum(sizes)
     r = get_recipe(config.recipe)
-    states = OPTIMIZER_STATES[config.optimizer]
+    states = OPTIMIZER_STATES[one_of("config.optimizer", config.optimizer, OPTIMIZER_STATES)]
     k = states * dtype_bytes(r.optimizer_dtype) + (dtype_bytes(r.master_dtype) if r.master_dtype else 0)
     counters = ADAM_STEP_BYTES if states == 2 else 0
     delta = ((sum(sizes[i] for i in owned) - shard_elements(n, n_ranks)) * k
