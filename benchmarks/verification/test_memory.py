@@ -140,8 +140,9 @@ def test_peak_llama_7b_bf16_true_is_in_the_optimizer_step() -> None:
     peak = P.train_peak_bytes(LLAMA7, 1, 2048, recipe="bf16-true", optimizer="adamw")
     # params 2 + grads 2 + exp_avg and exp_avg_sq 2 x 2 + foreach sqrt temporary 2 = 10 bytes per parameter,
     # plus the rotary cos and sin tables (4096 positions x head_dim 128, bf16), Adam's fp32 step counter per tensor
-    # (embedding, 9 per block x 32, final norm, head = 291) and the scalar _foreach_add_ adds to them
-    assert peak.phases["optimizer"] == 10 * n + 2 * 4096 * 128 * 2 + 4 * 291 + 4
+    # (embedding, 9 per block x 32, final norm, head = 291), the scalar _foreach_add_ adds to them, and the caller's
+    # int64 targets (2,048), which cross-entropy's view makes the CPU's storage tracker count to the step's end
+    assert peak.phases["optimizer"] == 10 * n + 2 * 4096 * 128 * 2 + 4 * 291 + 4 + 2048 * 8
     assert peak.phase == "optimizer"
     assert peak.moment == "optimizer: adamw foreach sqrt"
 
@@ -165,9 +166,11 @@ def test_grad_accumulation_adds_gradients_not_activations() -> None:
     one = P.train_peak_bytes(GPT_TINY, 8, 256, grad_accum=1)
     four = P.train_peak_bytes(GPT_TINY, 8, 256, grad_accum=4)
     grads = 4 * n_params(GPT_TINY)
+    targets = 8 * 256 * 8  # one micro-batch's int64 targets, counted on the CPU from cross-entropy's view onwards
     assert four.activations == one.activations
-    assert four.phases["forward"] - one.phases["forward"] == grads
-    assert four.phases["optimizer"] == one.phases["optimizer"]
+    # the last micro-batch's forward: every gradient, and the targets of the three micro-batches before it
+    assert four.phases["forward"] - one.phases["forward"] == grads + 3 * targets
+    assert four.phases["optimizer"] - one.phases["optimizer"] == 3 * targets
 
 
 @pytest.mark.parametrize(
@@ -234,9 +237,9 @@ def test_master_recipe_keeps_fp32_master_weights_and_gradients() -> None:
     # gpt-tiny (557,568 parameters in 28 tensors), bf16-mixed-master, fused AdamW (no temporaries of its own): at the
     # optimizer step, per parameter: bf16 weight 2 + fp32 master 4 + two fp32 moments 8 + bf16 gradient 2 + its fp32
     # copy for the master update 4 = 20 bytes, plus Adam's 4-byte step counter per tensor (ZeRO's 16 B per parameter
-    # of model states, and the gradient's fp32 copy)
+    # of model states, and the gradient's fp32 copy), and the caller's 8 int64 targets the CPU's tracker counts
     n = 557_568
     peak = P.train_peak_bytes(get_preset("gpt-tiny"), 1, 8, recipe="bf16-mixed-master", optimizer="adamw",
                               optimizer_impl="fused")
-    assert peak.phases["optimizer"] == 20 * n + 4 * 28
+    assert peak.phases["optimizer"] == 20 * n + 4 * 28 + 8 * 8
     assert peak.breakdown()["optimizer"] == (4 + 8) * n + 4 * 28

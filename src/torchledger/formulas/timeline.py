@@ -420,13 +420,24 @@ class _Step:
         if previous is not None:
             tl.unref(previous)
 
+    def caller_bytes(self) -> int:
+        """Bytes of one micro-batch's caller-owned batch that the measurement counts (an op outputs its storage) and
+        the caller keeps to the step's end: none here."""
+        return 0
+
     def micro_batches(self, forward: Callable[[], tuple[int, int]]) -> None:
         """``grad_accum`` micro-batches: forward (autocast exits after it), backward, then the logits released.
 
         Only the first two are walked: the first starts without gradients, every later one starts with all of them
-        and leaves memory as it found it (the same tensors made and released), so a third and later micro-batch
-        repeats the second moment for moment and cannot make a higher peak."""
-        for _ in range(min(self.config.grad_accum, 2)):
+        and leaves memory as it found it (the same tensors made and released) but for what it keeps of the caller's
+        batch (:meth:`caller_bytes`), so the last micro-batch repeats the second moment for moment with the kept
+        batches of those between them beside it: the walked second stands for the last."""
+        accum = self.config.grad_accum
+        for k in range(min(accum, 2)):
+            if k == 1 and accum > 2 and self.caller_bytes():
+                # held to the step's end (never released), as the caller holds the batches
+                self.tl.alloc((accum - 2) * self.caller_bytes(), f"kept batches of micro-batches 2-{accum - 1}",
+                              "activations")
             self.tl.phase = "forward"
             logits, loss = forward()
             self.exit_autocast()
@@ -515,6 +526,9 @@ class _TransformerStep(_Step):
             if self.family.rotary else 0
         super().__init__(params, config, device, buffers)
         self.spec, self.batch, self.seq = spec, batch, seq_len
+        # a checkpointed block's last residual gradient, cast to 16 bits before its recomputation starts (see
+        # checkpointed_block); the residual add's backward takes it instead of casting again
+        self._precast: int | None = None
         self.checkpointed = set(checkpointed_blocks(config.checkpointing, spec.n_layers))
         self.rows = batch * seq_len
         self.routing = ((balanced_routing(spec, self.rows) if routing is None else
@@ -655,7 +669,11 @@ class _TransformerStep(_Step):
             G.tl.ref(gout)
             G.route(a, gout)
             if branch_bytes != res_bytes:  # the 16-bit branch: its gradient cast down
-                gout = G.convert(gout, branch_bytes, f"{label} grad cast")
+                if self._precast is not None:
+                    G.drop(gout)
+                    gout, self._precast = self._precast, None
+                else:
+                    gout = G.convert(gout, branch_bytes, f"{label} grad cast")
             G.route(branch, gout)
 
         G.node(label, out, backward=backward)
@@ -673,9 +691,7 @@ class _TransformerStep(_Step):
         qkv = self.proj(b + "attn.qkv", h, ps[b + "attn.qkv.weight"], s.q_dim + 2 * s.kv_dim, bias("attn.qkv.bias"))
         G.drop(h)
         y = self.sdpa(b + "attn.sdpa", qkv, qkv, qkv, qkv)
-        G.drop(qkv)
         a = self.proj(b + "attn.proj", y, ps[b + "attn.proj.weight"], s.d_model, bias("attn.proj.bias"))
-        G.drop(y)
         x2 = self.add(b + "attn residual", x, a)
         h = self.layer_norm(b + "ln_2", x2, ps[b + "ln_2.weight"], ps[b + "ln_2.bias"])
         u = self.proj(b + "mlp.fc", h, ps[b + "mlp.fc.weight"], s.d_ff, bias("mlp.fc.bias"))
@@ -686,7 +702,7 @@ class _TransformerStep(_Step):
         m = self.proj(b + "mlp.proj", gelu, ps[b + "mlp.proj.weight"], s.d_model, bias("mlp.proj.bias"))
         G.drop(gelu)
         out = self.add(b + "mlp residual", x2, m)
-        G.drop(x2)
+        G.drop(x2, qkv, y)
         return out
 
     def llama_block(self, i: int, x: int) -> int:
@@ -891,6 +907,11 @@ class _TransformerStep(_Step):
         """Block ``i`` as the family's description builds it (``gpt_block``, ``llama_block``, ``moe_block``)."""
         return self._block(i, x)
 
+    def caller_bytes(self) -> int:
+        """The int64 targets (``targets.view(-1)`` outputs their storage, which the storage tracker then counts); on
+        CUDA the measurement leaves the caller's batches out (``measure_cuda``'s ``inputs``): none."""
+        return 0 if self.device == "cuda" else self.rows * 8
+
     def checkpointed_block(self, i: int, x: int) -> int:
         """Non-reentrant ``torch.utils.checkpoint``: the forward keeps only the block's input (the checkpoint
         holds it) and output; the backward recomputes the block (under the forward's autocast state) up to the
@@ -907,6 +928,10 @@ class _TransformerStep(_Step):
 
         def backward(n: Node) -> None:
             gout = G.buffer.pop(out)
+            if self.r.autocast and self.res != self.c and self.family.mlp != "moe":
+                # the residual add saves nothing: autograd runs it (its cast of the gradient) before the first
+                # unpack of a saved tensor starts the recomputation
+                self._precast = G.new(self.rows * self.spec.d_model * self.c, f"block {i} mlp residual grad cast")
             G.mode = "recompute"
             mark = len(G.nodes)
             saved_cache = dict(self.cache)
@@ -971,10 +996,12 @@ class _TransformerStep(_Step):
         G.drop(x)
         logits = self.proj("lm_head", h, self.head, s.vocab_size, None)
         G.drop(h)
-        # ``targets.view(-1)``: the caller's targets, viewed by an op, saved by ``nll_loss``
-        targets = G.new(rows * 8, "targets view")
-        G.node("targets", None, [targets], backward=lambda n: G.release(n))
-        G.drop(targets)
+        if self.caller_bytes():
+            # ``targets.view(-1)``: an op outputs the caller's targets storage, so the storage tracker counts it from
+            # here; the caller holds it to the step's end, past nll_loss's backward (one per micro-batch)
+            targets = G.new(self.caller_bytes(), "targets view")
+            G.node("targets", None, [targets], backward=lambda n: None)
+            G.drop(targets)
         loss, _ = self.cross_entropy(logits, rows, s.vocab_size)
         return logits, loss
 

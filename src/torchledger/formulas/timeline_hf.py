@@ -476,6 +476,11 @@ class _HFStep(_TransformerStep):
         return out
 
     # -- the model
+    def caller_bytes(self) -> int:
+        """transformers' loss shifts the labels into new storage (``labels[..., 1:]`` padded or made contiguous): no
+        op outputs the caller's batch."""
+        return 0
+
     def forward(self) -> tuple[int, int]:
         s, G, rows, d, T = self.spec, self.graph, self.rows, self.spec.d_model, self.seq
         emb = self.embedding
