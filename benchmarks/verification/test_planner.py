@@ -136,6 +136,12 @@ def test_plan_tries_every_power_of_two_shard_group() -> None:
         plan(spec, "H100 SXM", 16, 16 * 128 * 2, 128, shardings=("ring",))
     with pytest.raises(ValueError, match="shardings='ring'"):  # one GPU runs ddp only: the name is still checked
         plan(spec, "H100 SXM", 1, 128 * 2, 128, shardings=("ring",))
+    # hsdp asked for where no group divides the GPUs (3; 2 has no group below it): an error, not an empty plan
+    for gpus in (2, 3):
+        with pytest.raises(ValueError, match="no shard group"):
+            plan(spec, "H100 SXM", gpus, gpus * 128 * 2, 128, shardings=("hsdp",))
+    # by default the same GPUs simply try no hsdp
+    assert all(p.estimate.sharding != "hsdp" for p in plan(spec, "H100 SXM", 3, 3 * 128 * 2, 128, top=100)[0])
     # the link arguments are checked before anything is tried, not only when a configuration reaches the timing
     for kwargs, message in [({"gpus_per_node": 0}, "gpus_per_node=0"),
                             ({"intra_node_bandwidth": -1.0}, "intra_node_bandwidth=-1"),

@@ -190,6 +190,9 @@ def plan(
         shard_group_sizes = tuple(2**i for i in range(1, gpus.bit_length()) if 2**i < gpus and gpus % 2**i == 0)
     for g in shard_group_sizes:
         hybrid_groups(gpus, g)  # ValueError naming shard_group_size unless it divides the world and shards
+    if shardings is not None and "hsdp" in schemes and not shard_group_sizes:
+        raise ValueError(f"shardings={shardings!r}: hsdp over gpus={gpus} has no shard group to try (no power of two "
+                         "from 2 below it divides it): give shard_group_sizes")
     # (sharding, shard group size): hsdp once per group size, the others once
     layouts = [(s, g) for s in schemes for g in ((*shard_group_sizes,) if s == "hsdp" else (None,))]
     n = n_params(spec)

@@ -448,7 +448,7 @@ class _Step:
 # ------------------------------------------------------------------------------------------------ the workloads
 
 
-def _transformer_params(spec: ModelSpec) -> tuple[list[Param], dict[str, Param]]:
+def transformer_params(spec: ModelSpec) -> tuple[list[Param], dict[str, Param]]:
     """The parameters in the reference model's order, named as the blocks of :class:`_TransformerStep` read them;
     the layout is the family description's (:mod:`torchledger.formulas.families`)."""
     d, f, q, kv = spec.d_model, spec.d_ff, spec.q_dim, spec.kv_dim
@@ -521,7 +521,7 @@ class _TransformerStep(_Step):
     def __init__(self, spec: ModelSpec, batch: int, seq_len: int, config: StepConfig, device: str,
                  routing: Sequence[Sequence[int]] | None = None) -> None:
         self.family: FamilyDescription = spec.description
-        params, self.ps = _transformer_params(spec)
+        params, self.ps = transformer_params(spec)
         buffers = 2 * spec.max_seq_len * spec.head_dim * dtype_bytes(get_recipe(config.recipe).param_dtype) \
             if self.family.rotary else 0
         super().__init__(params, config, device, buffers)

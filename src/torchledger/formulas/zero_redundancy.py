@@ -19,7 +19,7 @@ from .distributed import shard_elements
 from .memory import OPTIMIZER_STATES, dtype_bytes, get_recipe
 from .sharded_peak import RankPeak, rank_peak_bytes
 from .specs import ModelSpec, param_counts
-from .timeline import StepConfig, _transformer_params
+from .timeline import StepConfig, transformer_params
 
 __all__ = ["ADAM_STEP_BYTES", "parameter_tensor_sizes", "zero_redundancy_partition", "zero_redundancy_payloads",
            "zero_redundancy_rank_peak"]
@@ -32,7 +32,7 @@ def parameter_tensor_sizes(spec: ModelSpec) -> list[int]:
     """Element counts of the reference transformer's parameter tensors (:mod:`torchledger.workloads.models`), in
     ``model.parameters()`` order: what ZeroRedundancyOptimizer partitions. The layout is the timeline's (the
     family's description), whose order the for-loop optimizer's measured walk already holds to."""
-    sizes = [p.numel for p in _transformer_params(spec)[0]]
+    sizes = [p.numel for p in transformer_params(spec)[0]]
     if sum(sizes) != param_counts(spec).total:
         raise ValueError(f"spec={spec.name!r}: its parameter tensors are not the reference model's layout "
                          f"(bias={spec.bias} where the {spec.family} family has "
