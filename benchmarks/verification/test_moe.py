@@ -264,22 +264,20 @@ def test_prefill_peak_with_the_routing(recipe: str, batch: int, seq_len: int) ->
 def moe_cases(draw: st.DrawFn) -> MemoryCase:
     """Small Mixture-of-Experts transformers and training steps, drawn over the space the prediction claims:
     any expert count and top-k, every recipe, optimizer and implementation, checkpointing, clipping; one
-    micro-batch (each micro-batch routes its own tokens). NB: ``16-true`` and ``bf16-true`` are left out of the
-    draws: on steps of a few hundred tokens the dense LLaMA path itself misses them by a few KB (3-14%: a llama
-    spec of the same shapes misses by about the same bytes, the peak falling in the final RMSNorm's 16-bit
-    backward), which says nothing of the experts; the preset matrix above holds bf16-true.
-    Vocabularies start at 4 d_model: with fewer logits than widths the dense path's LM-head backward, not the
-    experts, makes a peak it misses (a llama spec of d 64 and vocab 64 by 16,384 B)."""
+    micro-batch (each micro-batch routes its own tokens), vocabularies from 8 (fewer logits than widths too). With
+    the CPU RMSNorm's op-by-op backward in the walk, seeds 1-13 (156 configurations, the 16-bit ``*-true`` recipes
+    and small vocabularies among them) were all within 2%; before it, those recipes and vocabularies below 4 d_model
+    missed by 3-14% (the final norm's backward, not the experts) and were left out."""
     heads = draw(st.sampled_from([1, 2, 4]))
     head_dim = draw(st.sampled_from([16, 32]))
     kv = draw(st.sampled_from([h for h in (1, 2, 4) if heads % h == 0]))
     d = heads * head_dim
     experts = draw(st.integers(1, 6))
-    vocab = draw(st.integers(4 * d, 1024))
+    vocab = draw(st.integers(8, 1024))
     spec = ModelSpec("random-moe", "mixtral", draw(st.integers(1, 2)), d, heads, vocab_size=vocab, max_seq_len=64,
                      n_kv_heads=kv, d_ff=draw(st.integers(d, 4 * d + 64)), n_experts=experts,
                      experts_per_token=draw(st.integers(1, experts)))
-    precision = draw(st.sampled_from(["32-true", "16-mixed", "bf16-mixed"]))
+    precision = draw(st.sampled_from(["32-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true"]))
     ckpt = draw(st.sampled_from(STEP_CHECKPOINTING))
     config = TrainConfig(precision, draw(st.sampled_from(OPTIMIZERS)), draw(st.sampled_from(OPTIMIZER_IMPLS)), ckpt,
                          1, draw(st.sampled_from([None, 1.0])))

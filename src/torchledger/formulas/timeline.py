@@ -551,7 +551,8 @@ class _TransformerStep(_Step):
     def layer_norm(self, label: str, x: int, w: Param, b: Param | None) -> int:
         """``native_layer_norm``: output, mean and rstd; saves the input and the statistics. LLaMA's ``F.rms_norm``
         on the CPU: ``pow`` (fp32, a temporary), ``mean``, ``rsqrt``, the fp32 normalized tensor and the output;
-        saves the fp32 input (a copy when the input is 16-bit), the rstd and the normalized tensor."""
+        saves the fp32 input (a copy when the input is 16-bit), the rstd and the normalized tensor; its backward runs
+        one autograd node per op."""
         G, rows, d = self.graph, self.rows, self.spec.d_model
         if b is not None:
             out = G.new(rows * d * self.res, label)
@@ -578,10 +579,65 @@ class _TransformerStep(_Step):
         rstd = G.new(rows * 4, f"{label} rsqrt")
         G.drop(mean, sq)
         normed = G.new(rows * d * 4, f"{label} normalized")
-        out = G.new(rows * d * (4 if self.r.autocast else self.p), label)
-        # backward: the gradient of the normalized tensor, of the weight (summed over rows) and of the input
-        G.node(label, out, [x32, rstd, normed], [(x, rows * d * 4, "input grad", 0 if self.res == 4 else rows * d
-                                                  * self.res), (w, d * self.g, "weight grad", 0)])
+        out_bytes = rows * d * (4 if self.r.autocast else self.p)
+        out = G.new(out_bytes, label)
+        full, row = rows * d * 4, rows * 4
+
+        def backward(n: Node) -> None:
+            # The CPU's F.rms_norm is CompositeImplicitAutograd (rms_norm_symint in
+            # aten/src/ATen/native/layer_norm.cpp): x.to(fp32), pow(2), mean, add_(eps), rsqrt, x * rstd, * weight
+            # (in fp32), type_as(x). Autograd runs one node per op, each with the formula of
+            # tools/autograd/derivatives.yaml, and a node's saved tensors go after its last user runs.
+            def unsave(t: int) -> None:
+                if t in n.saved:
+                    n.saved.remove(t)
+                    self.tl.unref(t)
+
+            gout = G.buffer.pop(out)
+            if out_bytes != full:  # type_as's ToCopyBackward: the gradient back in fp32
+                gout = G.convert(gout, full, f"{label} grad to(float32)")
+            # MulBackward0 (normed * weight): grad * weight, then grad * normed reduced to the weight's shape (then
+            # cast to its dtype, validate_outputs)
+            d_normed = G.new(full, f"{label} grad normalized")
+            d_w_full = G.new(full, f"{label} grad weight (full)")
+            d_w = G.new(d * 4, f"{label} weight grad")
+            G.drop(d_w_full)
+            if self.g != 4:
+                d_w = G.convert(d_w, d * self.g, f"{label} weight grad cast")
+            unsave(normed)
+            G.drop(gout)
+            G.route(w, d_w)
+            # MulBackward0 (x * rstd): grad * rstd, then grad * x reduced to one per row
+            d_x = G.new(full, f"{label} input grad (x * rstd)")
+            d_rstd_full = G.new(full, f"{label} grad rstd (full)")
+            d_rstd = G.new(row, f"{label} grad rstd")
+            G.drop(d_rstd_full, d_normed)
+            if x32 == x:  # the node is done: its input's gradient goes to the input's buffer now
+                G.route(x, d_x)
+            # RsqrtBackward0: -0.5 * grad * result.pow(3); add_'s backward passes the gradient through
+            cube = G.new(row, f"{label} grad rsqrt pow")
+            half = G.new(row, f"{label} grad rsqrt -0.5*")
+            d_var = G.new(row, f"{label} grad rsqrt")
+            G.drop(cube, half, d_rstd)
+            unsave(rstd)
+            # MeanBackward1: grad.expand(x's shape) / d
+            d_sq = G.new(full, f"{label} grad mean")
+            G.drop(d_var)
+            # PowBackward0: grad * (2 * x.pow(1)), the C++ temporaries alive to the end of the expression
+            p1 = G.new(full, f"{label} grad pow x.pow(1)")
+            two = G.new(full, f"{label} grad pow 2*")
+            d_pow = G.new(full, f"{label} grad pow")
+            G.drop(p1, two, d_sq)
+            unsave(x32)
+            n.saved.clear()
+            if x32 == x:
+                G.route(x, d_pow)
+            else:  # both gradients meet in the fp32 copy's buffer; its ToCopyBackward casts the sum back
+                summed = G.new(full, f"{label} grad sum")
+                G.drop(d_x, d_pow)
+                G.route(x, G.convert(summed, rows * d * self.res, f"{label} input grad cast"))
+
+        G.node(label, out, [x32, rstd, normed], backward=backward)
         G.drop(rstd, normed)
         if x32 != x:
             G.drop(x32)
