@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shlex
+from typing import TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -43,6 +44,7 @@ settings.register_profile("nightly", derandomize=False, max_examples=100, deadli
 RANDOM = _seed_env != "" or os.environ.get("HYPOTHESIS_PROFILE") == "nightly"
 SEED = random.SystemRandom().randrange(2**32) if _seed_env == "random" else int(_seed_env or 0)
 PROFILE = "nightly" if RANDOM else "ci"
+T = TypeVar("T")
 
 
 @st.composite
@@ -162,17 +164,19 @@ if RANDOM:  # TORCHLEDGER_RANDOM_SEED picks this test's examples too (printed on
     test_random_configuration_within_5_percent = hypothesis_seed(SEED)(test_random_configuration_within_5_percent)
 
 
-def _sample(n: int, seed: int) -> list[MemoryCase]:
-    drawn: list[MemoryCase] = []
+def draw_sample(strategy: st.SearchStrategy[T], n: int) -> list[T]:
+    """Up to ``n`` examples of ``strategy``, to measure one by one (a test then states what share must hold): the
+    CI's fixed sample, or under ``TORCHLEDGER_RANDOM_SEED`` that seed's."""
+    drawn: list[T] = []
 
-    def collect(case: MemoryCase) -> None:
+    def collect(case: T) -> None:
         drawn.append(case)
 
-    run = given(case=cases())(collect)
-    run = settings(max_examples=n, derandomize=not seed, database=None, deadline=None,
+    run = given(case=strategy)(collect)
+    run = settings(max_examples=n, derandomize=not RANDOM, database=None, deadline=None,
                    suppress_health_check=list(HealthCheck))(run)
-    if seed:
-        run = hypothesis_seed(seed)(run)
+    if RANDOM:
+        run = hypothesis_seed(SEED)(run)
     run()
     return drawn[:n]
 
@@ -180,7 +184,7 @@ def _sample(n: int, seed: int) -> list[MemoryCase]:
 def test_sample_98_percent_within_2_percent() -> None:
     """A sample of ``SAMPLE`` configurations: at least 98% within 2%, every one within 5%; prints the
     distribution of the errors."""
-    sample = _sample(SAMPLE, SEED if RANDOM else 0)
+    sample = draw_sample(cases(), SAMPLE)
     assert len(sample) >= 50
     detailed = [_errors(case) for case in sample]
     results = [(max(p, c), r) for p, c, r in detailed]

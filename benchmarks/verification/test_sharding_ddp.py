@@ -15,11 +15,9 @@ import json
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
-from benchmarks.verification.test_memory_random import RANDOM, SEED
+from benchmarks.verification.test_memory_random import draw_sample
 from torchledger.cli import main
 from torchledger.formulas.distributed import collective_payloads
 from torchledger.formulas.estimate import estimate
@@ -145,18 +143,7 @@ def replicated_cases(draw: st.DrawFn) -> tuple[MemoryCase, str, int]:
 
 
 def _sample(n: int) -> list[tuple[MemoryCase, str, int]]:
-    drawn: list[tuple[MemoryCase, str, int]] = []
-
-    def collect(case: tuple[MemoryCase, str, int]) -> None:
-        drawn.append(case)
-
-    run = given(case=replicated_cases())(collect)
-    run = settings(max_examples=n, derandomize=not RANDOM, database=None, deadline=None,
-                   suppress_health_check=list(HealthCheck))(run)
-    if RANDOM:
-        run = hypothesis_seed(SEED)(run)
-    run()
-    return drawn[:n]
+    return draw_sample(replicated_cases(), n)
 
 
 def test_random_replicated_ranks() -> None:

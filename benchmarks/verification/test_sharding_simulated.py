@@ -16,11 +16,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
-from benchmarks.verification.test_memory_random import RANDOM, SEED
+from benchmarks.verification.test_memory_random import draw_sample
 from torchledger.cli import main
 from torchledger.formulas.distributed import collective_payloads
 from torchledger.formulas.estimate import estimate
@@ -88,18 +86,7 @@ def _rank(case: MemoryCase, sharding: str, world: int, group: int | None) -> tup
 
 
 def _sample(n: int) -> list[tuple[MemoryCase, str, int, int | None]]:
-    drawn: list[tuple[MemoryCase, str, int, int | None]] = []
-
-    def collect(case: tuple[MemoryCase, str, int, int | None]) -> None:
-        drawn.append(case)
-
-    run = given(case=sharded_cases())(collect)
-    run = settings(max_examples=n, derandomize=not RANDOM, database=None, deadline=None,
-                   suppress_health_check=list(HealthCheck))(run)
-    if RANDOM:
-        run = hypothesis_seed(SEED)(run)
-    run()
-    return drawn[:n]
+    return draw_sample(sharded_cases(), n)
 
 
 def test_random_sharded_ranks() -> None:
