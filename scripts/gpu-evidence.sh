@@ -9,7 +9,7 @@
 #   3. runs the full benchmark profile, one group at a time, each under its own time limit, with --benchmark-autosave
 #      (the runs land in results/<device>/ as usual, and a copy goes into the archive);
 #   4. packs everything into one archive under results/ and prints where it is (also copied into $OUT when set).
-# The time limits add up to 405 s, leaving room for starting Python and packing; a part that runs out of time loses
+# The time limits add up to 400 s, leaving room for starting Python and packing; a part that runs out of time loses
 # only itself. Usage: bash scripts/gpu-evidence.sh   (BUDGET_SCALE=0.5 halves every time limit)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -51,7 +51,7 @@ MEASURE_LIMIT=10 measure prefill-gpt-tiny-32-true-1x256 --model gpt-tiny --batch
   --precision 32-true --inference
 
 el "verification (CUDA)"
-timeout -k 5 "$(limit 60)" $PY -m pytest benchmarks/verification -m cuda -n 8 -q -p no:cacheprovider \
+timeout -k 5 "$(limit 40)" $PY -m pytest benchmarks/verification -m cuda -n 8 -q -p no:cacheprovider \
   --junitxml="$ev/verification.xml" --ledger-memory-log="$ev/memory-cases.jsonl" \
   --ledger-snapshot-dir="$ev/snapshots" > "$ev/verification.log" 2>&1
 echo "rc=$? verification" >> "$ev/timeline.log"
@@ -63,12 +63,14 @@ group() {  # name, seconds, files...
     --benchmark-json="$ev/bench-$name.json" --benchmark-columns=min,median,iqr,rounds >> "$ev/benchmarks.log" 2>&1
   echo "rc=$? $name" >> "$ev/timeline.log"
 }
-group roofline-precision 65 benchmarks/performance/test_roofline.py benchmarks/performance/test_matmul_shapes.py \
-  benchmarks/performance/test_launch.py benchmarks/performance/test_precision.py
+group roofline-precision 45 benchmarks/performance/test_roofline.py benchmarks/performance/test_launch.py \
+  benchmarks/performance/test_precision.py
+# the step-time model's calibration: about 105 short benchmarks of 2 sustained rounds each (~0.35 s)
+group calibration 50 benchmarks/performance/test_matmul_shapes.py benchmarks/performance/test_kernels.py
 group accumulation-checkpointing 75 benchmarks/performance/test_accumulation_checkpointing.py
-group dataloader 40 benchmarks/performance/test_dataloader.py
-group fusion 45 benchmarks/performance/test_fusion.py
-group other 25 benchmarks/performance/test_formulas_speed.py benchmarks/performance/test_count_speed.py \
+group dataloader 35 benchmarks/performance/test_dataloader.py
+group fusion 40 benchmarks/performance/test_fusion.py
+group other 20 benchmarks/performance/test_formulas_speed.py benchmarks/performance/test_count_speed.py \
   benchmarks/performance/test_collectives.py
 el "pack"
 

@@ -20,8 +20,8 @@ from torchledger.measuring.memory import MemoryMeasurement
 from torchledger.measuring.training import MemoryCase
 from torchledger.pytest_plugin import COMPARABLE_NAMES, CpuPeaks, comparable_figure, record_work, work_problems
 
-__all__ = ["COMPARABLE_NAMES", "SIZES", "CpuPeaks", "Ledger", "comparable_figure", "memory_base", "memory_info",
-           "peak_memory", "record_work", "work_problems"]
+__all__ = ["COMPARABLE_NAMES", "SIZES", "CpuPeaks", "Ledger", "calibration_timing", "comparable_figure", "memory_base",
+           "memory_info", "peak_memory", "record_work", "work_problems"]
 
 # What each size profile runs: small for a 2-core CPU (all of benchmarks/performance in minutes), full for an H100.
 # The compile cases run their own model: max-autotune tunes every matmul shape and fused kernel, which takes minutes
@@ -36,6 +36,17 @@ SIZES: dict[str, dict[str, Any]] = {
              "loader_batch": 128, "ln_rows": 65536, "attn": (16, 16, 2048, 64),
              "compile_gpt": "gpt2-small", "compile_layers": 2, "compile_batch": 8, "compile_seq": 512},
 }
+
+
+def calibration_timing(ledger: Ledger, sizes: dict[str, Any], calls: int = 0) -> dict[str, Any]:
+    """How a benchmark that calibrates the step-time model is timed (there are over a hundred, each short), as
+    keywords of :meth:`Ledger.time`: under sustained timing a round is already at least 100 ms of back-to-back calls,
+    so 2 rounds after 1 warmup round and no second timing by CUDA events (the full profile keeps its time budget);
+    else the profile's rounds, at least ``calls`` where a round is one call of well under a millisecond on a shared
+    machine (a median clear of the odd slow one), after 2 warmup rounds."""
+    if ledger.cuda and ledger.timing == "sustained":
+        return {"rounds": 2, "warmup": 1, "cuda_events": False}
+    return {"rounds": max(sizes["rounds"], calls), "warmup": 2}
 
 
 @pytest.fixture(scope="session")

@@ -43,6 +43,21 @@ def test_copy_bandwidth(ledger: Ledger, sizes: dict[str, Any]) -> None:
 
 
 @pytest.mark.benchmark(group="roofline")
+def test_update_bandwidth(ledger: Ledger, sizes: dict[str, Any]) -> None:
+    """An update in place (``x.mul_(s)`` over as many bytes as the copy): each cache line is read and written back.
+    A copy into another buffer also reads the destination's lines before writing them on a CPU (write-allocate), so
+    the two differ there; the optimizer's updates and gradient accumulation run in place."""
+    n = sizes["copy_bytes"]
+    x = torch.ones(n // 4, dtype=torch.float32, device=ledger.device)
+    seconds = ledger.time(lambda: x.mul_(1.0), rounds=sizes["rounds"], warmup=2, bytes_moved=2 * n,
+                          work={"bytes": n, "in_place": True})
+    spec = _table_entry(ledger)
+    bandwidth = 2 * n / seconds if seconds else None  # read and written
+    ledger.record(bandwidth_bytes_per_s=bandwidth,
+                  fraction_of_peak=None if spec is None or bandwidth is None else bandwidth / spec.memory_bandwidth)
+
+
+@pytest.mark.benchmark(group="roofline")
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_biggest_matmul(ledger: Ledger, sizes: dict[str, Any], dtype: str) -> None:
     # on the CPU twice the precision group's size, except fp16, which CPUs run without a fast path

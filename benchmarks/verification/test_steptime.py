@@ -28,6 +28,7 @@ from torchledger.formulas.hardware import get_device
 from torchledger.formulas.specs import MLPSpec, ModelSpec, get_preset
 from torchledger.formulas.steptime import (
     Calibration,
+    KernelPoint,
     MatmulPoint,
     Op,
     datasheet_calibration,
@@ -474,3 +475,206 @@ def test_estimate_on_a_gpu_without_the_dtype_keeps_the_fit(capsys: pytest.Captur
     out = json.loads(captured.out)
     assert "time" not in out and out["fits"] is True
     assert "no step time: T4 has no bf16 matmul path" in captured.err
+
+
+# ----------------------------------------------------------------------------------------------- measured kernels
+
+
+def test_a_measured_kernel_takes_its_units_over_its_rate() -> None:
+    # GELU over 1,000,000 fp32 elements: 8 MB read and written, 4 us at 2 TB/s; measured at 1e9 elements/s it takes
+    # 1 ms, and that is its time (plus its launch). Unmeasured (another dtype, another kernel), its bytes stay.
+    op = Op("mlp.act", "forward", bytes=8_000_000, dtype="fp32", kernel="gelu", units=1_000_000)
+    cal = _cal(kernels=(KernelPoint("gelu", "fp32", 1_000_000, 1e9),))
+    assert op_seconds(op, cal) == pytest.approx((1e-3, 4e-6, 5e-6))
+    assert step_time([op], cal, tokens=1, model_flops=0).phases["forward"].bound == "compute"
+    assert op_seconds(op, _cal(kernels=(KernelPoint("gelu", "bf16", 1_000_000, 1e9),)))[0] == 0.0
+    assert op_seconds(op, _cal(kernels=(KernelPoint("silu", "fp32", 1_000_000, 1e9),)))[0] == 0.0
+    # the dtype's names are one: float32 is fp32
+    assert op_seconds(op, _cal(kernels=(KernelPoint("gelu", "float32", 1_000_000, 1e9),)))[0] == pytest.approx(1e-3)
+
+
+def test_a_measured_attention_kernel_replaces_the_gemm_rate() -> None:
+    # attention of 8 x 4 heads x 128 x 32: 4 B H T^2 D = 67,108,864 FLOPs (attention_flops); at the bf16 GEMM rate
+    # of _cal's smallest shape, 100 TFLOP/s, 0.67 us; measured at 20 TFLOP/s, 3.36 us
+    flops = F.attention_flops(8, 4, 128, 128, 32)
+    assert flops == 4 * 8 * 4 * 128 * 128 * 32
+    op = Op("attention", "forward", flops=flops, bytes=0, shape=(4096, 32, 128), dtype="bf16", kernel="attention",
+            units=flops)
+    assert op_seconds(op, _cal())[0] == pytest.approx(flops / 100e12)
+    measured = _cal(kernels=(KernelPoint("attention", "bf16", flops, 20e12),))
+    assert op_seconds(op, measured)[0] == pytest.approx(flops / 20e12)
+
+
+def test_kernel_rates_interpolate_in_log_units() -> None:
+    # measured at 1e4 units (1e9/s) and 1e6 units (3e9/s): 1e5 units lies halfway in log, 2e9/s; outside, held
+    cal = _cal(kernels=(KernelPoint("layer_norm", "fp32", 10_000, 1e9), KernelPoint("layer_norm", "fp32", 10**6, 3e9),
+                        KernelPoint("layer_norm", "fp32", 10**6, 5e9)))  # two of one size: averaged, 4e9
+    assert cal.kernel_rate("layer_norm", "fp32", 10**6) == pytest.approx(4e9)
+    assert cal.kernel_rate("layer_norm", "fp32", 10**5) == pytest.approx(2.5e9)
+    assert cal.kernel_rate("layer_norm", "fp32", 10) == pytest.approx(1e9)
+    assert cal.kernel_rate("layer_norm", "fp32", 10**9) == pytest.approx(4e9)
+    assert cal.kernel_rate("layer_norm_backward", "fp32", 10**6) is None
+
+
+def test_kernel_points_validate() -> None:
+    with pytest.raises(ValueError, match="kernel='softmax'"):
+        KernelPoint("softmax", "fp32", 10, 1.0)
+    with pytest.raises(ValueError, match="units"):
+        KernelPoint("gelu", "fp32", 0, 1.0)
+    with pytest.raises(ValueError, match="per_s"):
+        KernelPoint("gelu_backward", "fp32", 10, 0.0)
+    with pytest.raises(ValueError, match="kernel='mm'"):
+        _cal().kernel_rate("mm", "fp32", 10)
+
+
+@pytest.mark.parametrize(("model", "precision", "norm", "act", "act_dtype", "loss_dtype"), [
+    ("gpt-tiny", "32-true", "layer_norm", "gelu", "fp32", "fp32"),
+    ("gpt-tiny", "bf16-mixed", "layer_norm", "gelu", "bf16", "fp32"),
+    ("llama-tiny", "16-mixed", "rms_norm", "silu", "fp16", "fp32"),
+    ("llama-tiny", "bf16-true", "rms_norm", "silu", "bf16", "bf16"),
+])
+def test_op_lists_name_their_kernels(model: str, precision: str, norm: str, act: str, act_dtype: str,
+                                     loss_dtype: str) -> None:
+    # 2 layers at batch 3 x 16 tokens: n = 48 rows. Norms: 2 per block and the final one over n x d in the residual
+    # stream's dtype (fp32 under autocast, whose fp32 list holds layer_norm); the activation over n x d_ff in the
+    # matmuls' dtype; cross-entropy over n x vocab, in fp32 under autocast; attention over its FLOPs.
+    spec = get_preset(model)
+    n = 3 * 16
+    ops = transformer_step_ops(spec, 3, 16, precision=precision, device="cpu")
+    named = {(op.name, op.phase): op for op in ops if op.kernel}
+    stream = "fp32" if precision.endswith("mixed") else loss_dtype
+    for name in ("norm_1", "norm_2"):
+        assert (named[(name, "forward")].kernel, named[(name, "forward")].units) == (norm, n * spec.d_model)
+        assert named[(name, "forward")].count == spec.n_layers
+        assert named[(f"{name}.backward", "backward")].kernel == f"{norm}_backward"
+        assert named[(name, "forward")].dtype == stream
+    assert named[("final_norm", "forward")].kernel == norm
+    assert (named[("mlp.act", "forward")].kernel, named[("mlp.act", "forward")].units) == (act, n * spec.d_ff)
+    assert named[("mlp.act", "forward")].dtype == named[("mlp.act.backward", "backward")].dtype == act_dtype
+    ce = named[("log_softmax", "forward")]
+    assert (ce.kernel, ce.units, ce.dtype) == ("cross_entropy", n * spec.vocab_size, loss_dtype)
+    assert named[("nll+log_softmax.backward", "backward")].kernel == "cross_entropy_backward"
+    att = named[("attention", "forward")]
+    assert att.units == att.flops == F.attention_flops(3, spec.n_heads, 16, 16, spec.head_dim)
+    assert named[("attention.backward", "backward")].kernel == "attention_backward"
+    # the MLP workload's loss: fp32 under autocast, the logits' dtype otherwise
+    mlp = {op.name: op for op in mlp_step_ops(MLPSpec((8, 16, 4)), 5, precision=precision) if op.kernel}
+    assert (mlp["log_softmax"].units, mlp["log_softmax"].dtype) == (5 * 4, loss_dtype)
+
+
+def test_calibration_reads_the_kernel_rates(tmp_path: Path) -> None:
+    # two gelu fp32 results of one size (0.5 ms and 1.5 ms over 524,288 elements: 1.05e9 and 0.35e9 per s,
+    # averaged 0.70e9), a bf16 attention result (67,108,864 FLOPs in 1 ms), and what is not a rate: no units, a
+    # kernel this version does not model, a dtype of no peak
+    entries = [("test_kernel_rate", {"kernel": "gelu", "dtype": "fp32", "units": 524_288}, 0.5e-3),
+               ("test_kernel_rate", {"kernel": "gelu", "dtype": "fp32", "units": 524_288}, 1.5e-3),
+               ("test_kernel_rate", {"kernel": "attention", "dtype": "bf16", "units": 67_108_864}, 1e-3),
+               ("test_kernel_rate", {"kernel": "gelu", "dtype": "fp32"}, 1e-3),
+               ("test_kernel_rate", {"kernel": "softmax", "dtype": "fp32", "units": 10}, 1e-3),
+               ("test_kernel_rate", {"kernel": "gelu", "dtype": "int4", "units": 10}, 1e-3)]
+    path = _with_results(tmp_path, [(t, e) for t, e, _ in entries])
+    run = json.loads(path.read_text())
+    for bench, (_, _, median) in zip(run["benchmarks"][-len(entries):], entries, strict=True):
+        bench["stats"] = {**bench["stats"], "median": median}
+    path.write_text(json.dumps(run))
+    cal = read_calibration(path)
+    assert cal.kernel_rate("gelu", "fp32", 524_288) == pytest.approx((524_288 / 0.5e-3 + 524_288 / 1.5e-3) / 2)
+    assert cal.kernel_rate("attention", "bf16", 1) == pytest.approx(67_108_864 / 1e-3)
+    assert cal.kernel_rate("gelu", "bf16", 1) is None
+    assert len(cal.kernels) == 2 and "2 kernel rates measured (test_kernel_rate)" in cal.source
+    assert read_calibration(CPU).kernels == ()  # the recorded run has none
+
+
+# ----------------------------------------------------------------------------------------------- layouts, updates
+
+
+def test_matmul_rate_prefers_the_measured_layout() -> None:
+    # one shape measured in two layouts: each layout its own rate; a third layout of that shape the two's mean;
+    # another shape interpolates over all points by FLOPs as before
+    nt = MatmulPoint(1024, 128, 512, 200e12, "nt")
+    tn = MatmulPoint(1024, 128, 512, 100e12, "tn")
+    cal = _cal(matmul={"bf16": (MatmulPoint(1024, 1024, 1024, 100e12), nt, tn,
+                                MatmulPoint(8192, 8192, 8192, 800e12))})
+    assert cal.matmul_rate("bf16", 1024, 128, 512, "nt") == 200e12
+    assert cal.matmul_rate("bf16", 1024, 128, 512, "tn") == 100e12
+    assert cal.matmul_rate("bf16", 1024, 128, 512, "nn") == pytest.approx(150e12)
+    with pytest.raises(ValueError, match="layout='tt'"):
+        cal.matmul_rate("bf16", 1024, 128, 512, "tt")
+    with pytest.raises(ValueError, match="layout='tt'"):
+        MatmulPoint(1, 1, 1, 1.0, "tt")
+
+
+def test_a_linear_runs_its_three_matmuls_in_their_layouts() -> None:
+    # nn.Linear: forward x W^T reads the (out, in) weight transposed (nt); the input gradient dY W (nn); the weight
+    # gradient dY^T X reads dY transposed (tn)
+    ops = {op.name: op for op in mlp_step_ops(MLPSpec((8, 16, 4)), 5)}
+    assert (ops["linear1"].shape, ops["linear1"].layout) == ((5, 16, 4), "nt")
+    assert (ops["linear1.dgrad"].shape, ops["linear1.dgrad"].layout) == ((5, 4, 16), "nn")
+    assert (ops["linear1.wgrad"].shape, ops["linear1.wgrad"].layout) == ((4, 5, 16), "tn")
+    cal = _cal(matmul={"fp32": (MatmulPoint(5, 16, 4, 1e9, "nt"), MatmulPoint(5, 16, 4, 4e9, "nn"))})
+    assert op_seconds(ops["linear1"], cal)[0] == pytest.approx(2 * 5 * 16 * 4 / 1e9)
+
+
+def test_updates_in_place_take_the_update_bandwidth() -> None:
+    # AdamW foreach over 1,000 fp32 parameters: 80 bytes each in 8 kernels; all but sqrt(v) update in place. At a
+    # copy bandwidth of 1e9 and an update bandwidth of 2e9: sqrt's 8,000 B take 8 us, the other 72,000 B 36 us.
+    ops = optimizer_ops(1000, 1, device="cpu")
+    assert [op.in_place for op in ops] == [True, True, True, True, False, True, True, True]
+    cal = _cal(bandwidth=1e9, update_bandwidth=2e9, launch_s=0.0)
+    t = step_time(ops, cal, tokens=1, model_flops=0)
+    assert t.phases["optimizer"].memory_s == pytest.approx(8_000 / 1e9 + 72_000 / 2e9)
+    # without an update bandwidth measured, the copy's
+    assert step_time(ops, _cal(bandwidth=1e9, launch_s=0.0), tokens=1,
+                     model_flops=0).phases["optimizer"].memory_s == pytest.approx(80_000 / 1e9)
+    # the fused kernel and SGD update in place; accumulation adds into .grad in place
+    assert all(op.in_place for op in optimizer_ops(10, 1, optimizer_impl="fused") + optimizer_ops(10, 1,
+                                                                                             optimizer="sgd"))
+    acc = {op.name: op for op in mlp_step_ops(MLPSpec((8, 4)), 2, grad_accum=3)}
+    assert acc["grad_accumulate"].in_place and acc["grad_accumulate"].count == 2
+    with pytest.raises(ValueError, match="update_bandwidth"):
+        _cal(update_bandwidth=0.0)
+
+
+def test_calibration_reads_layouts_and_the_update_bandwidth(tmp_path: Path) -> None:
+    # a matmul of one shape in two layouts, 2 x 1024 x 128 x 512 FLOPs in 1 ms and 2 ms; an update in place of
+    # 64 MiB in 4 ms: 2 x 64 MiB read and written back over 4 ms
+    flops = 2 * 1024 * 128 * 512
+    entries = [("test_matmul_shape", {"dtype": "fp32", "flops": flops, "shape": [1024, 128, 512], "layout": "nt"},
+                1e-3),
+               ("test_matmul_shape", {"dtype": "fp32", "flops": flops, "shape": [1024, 128, 512], "layout": "tn"},
+                2e-3),
+               ("test_update_bandwidth", {"work": {"bytes": 64 * 2**20, "in_place": True}}, 4e-3)]
+    path = _with_results(tmp_path, [(t, e) for t, e, _ in entries])
+    run = json.loads(path.read_text())
+    for bench, (_, _, median) in zip(run["benchmarks"][-len(entries):], entries, strict=True):
+        bench["stats"] = {**bench["stats"], "median": median}
+    path.write_text(json.dumps(run))
+    cal = read_calibration(path)
+    assert cal.matmul_rate("fp32", 1024, 128, 512, "nt") == pytest.approx(flops / 1e-3)
+    assert cal.matmul_rate("fp32", 1024, 128, 512, "tn") == pytest.approx(flops / 2e-3)
+    assert cal.update_bandwidth == pytest.approx(2 * 64 * 2**20 / 4e-3)
+    assert read_calibration(CPU).update_bandwidth is None  # the recorded run has none
+
+
+@pytest.mark.parametrize("profile", ["small", "full"])
+def test_the_shape_benchmarks_cover_every_matmul_the_profile_times(profile: str) -> None:
+    # every matmul of every training step the profile times (the precision group's recipes, the accumulation
+    # group's micro-batches, each checkpointing mode's recompute) has its shape and layout measured in the dtypes
+    # it runs in: the calibration then holds it exactly and interpolates none of them (on CUDA the micro-batches'
+    # shapes are skipped to keep the full profile's time budget, and interpolated)
+    from benchmarks.performance.conftest import SIZES
+    from benchmarks.performance.test_accumulation_checkpointing import ACCUM
+    from benchmarks.performance.test_matmul_shapes import DTYPES, MICRO, step_matmuls
+
+    sizes = SIZES[profile]
+    measured = {(op.shape, op.layout, dtype) for name, op in step_matmuls(sizes).items()
+                for dtype in (("fp32",) if name.startswith(MICRO) else DTYPES)}
+    gpt, mlp = get_preset(sizes["gpt"]), MLPSpec(sizes["mlp"])
+    steps = [op for recipe in ("32-true", "bf16-mixed", "16-mixed") for op in
+             transformer_step_ops(gpt, sizes["gpt_batch"], sizes["gpt_seq"], precision=recipe)
+             + mlp_step_ops(mlp, sizes["mlp_batch"], precision=recipe)]
+    steps += transformer_step_ops(gpt, sizes["gpt_batch"] // ACCUM, sizes["gpt_seq"], grad_accum=ACCUM)
+    steps += [op for mode in ("every-other", "full") for op in
+              transformer_step_ops(gpt, sizes["gpt_batch"], sizes["gpt_seq"], checkpointing=mode)]
+    timed = {(op.shape, op.layout, op.dtype) for op in steps if op.flops and op.kernel is None}
+    assert timed and timed <= measured, sorted(timed - measured)

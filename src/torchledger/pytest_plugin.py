@@ -457,14 +457,15 @@ class Ledger:
     def time(self, fn: Callable[[], object], *, rounds: int, work: dict[str, Any], warmup: int = 1,
              flops: int | None = None, bytes_moved: int | None = None, samples: int | None = None,
              batches: int | None = None, link: str = "memory", mfu_dtype: str = "fp32", events: bool = True,
-             **info: Any) -> float | None:
+             cuda_events: bool = True, **info: Any) -> float | None:
         """Benchmark ``fn``; returns the median seconds per call (None when benchmarking is disabled).
 
         ``work`` names the size of the work (the profile is added); ``flops``, ``bytes_moved`` (against the
         ``memory`` or ``host`` link's bandwidth), ``samples`` or ``batches`` per call give the ``comparable``
         figure, the first of them given. On CUDA the median of CUDA-event timings is recorded too, unless
-        ``events=False`` (host-bound work such as a DataLoader epoch, where the stream is idle most of the time),
-        with the GPU's clocks, power and temperature during the timed rounds (``gpu_state``)."""
+        ``events=False`` (host-bound work such as a DataLoader epoch, where the stream is idle most of the time)
+        or ``cuda_events=False`` (sustained rounds kept, the second timing skipped: the many short calibration
+        benchmarks), with the GPU's clocks, power and temperature during the timed rounds (``gpu_state``)."""
         import torch
 
         from torchledger.measuring.gpu_state import GpuStateSampler, cuda_uuid
@@ -486,7 +487,7 @@ class Ledger:
         seconds = None
         if not self.benchmark.disabled:
             seconds = self.benchmark.stats.stats.median
-            if self.cuda and events:
+            if self.cuda and events and cuda_events:
                 times = cuda_event_times(fn, rounds=max(rounds, 5), warmup=1, flush=self.flush, iterations=iterations)
                 extra["cuda_event_median_s"] = median(times)
                 if self.cuda_graphs:

@@ -14,14 +14,27 @@ phases (forward, backward, recompute, optimizer) are the sums of their ops. Comm
 (from the sharding model, :mod:`.distributed`), added as exposed time: no overlap with the backward is assumed, so
 it is an upper bound where the framework overlaps.
 
-The ceilings come from a :class:`Calibration`: achievable matmul FLOP/s at a few measured shapes per dtype, the
-achievable memory bandwidth (a device-to-device copy) and the per-launch overhead, measured per phase where the run
-has it (:attr:`Calibration.host_s`). A matmul's rate is the measured rate of its very shape where the calibration
-has it, else interpolated piecewise-linearly in log(FLOPs of the matmul) between the measured shapes of its dtype
-and held at the nearest measured shape outside them (NB: a shape smaller than every measured one gets the smallest
-one's rate; the bytes term of the roofline is what slows small and skinny matmuls then). The attention kernel is
-costed as a matmul of its batched QK^T shape (NB: flash attention reaches less of the peak than a GEMM of its
-FLOPs). Where no run exists, :func:`datasheet_calibration` takes the hardware table's peaks scaled by
+The ceilings come from a :class:`Calibration`, each measured where the run has it:
+
+- matmul FLOP/s per dtype at measured shapes and operand layouts (:data:`LAYOUTS`: a Linear's forward, input
+  gradient and weight gradient run three different BLAS kernels). A matmul takes the rate of its very shape and
+  layout, else of its shape in any layout, else the rate interpolated piecewise-linearly in log(FLOPs) between the
+  measured shapes of its dtype, held at the nearest one outside them (NB: a shape smaller than every measured one
+  gets the smallest one's rate; the bytes term of the roofline is what slows small and skinny matmuls then). On the
+  2-core EPYC, fp16 GEMMs without a fast path ran 0.4 GFLOP/s in ``nn`` and 32 GFLOP/s in ``nt`` at one shape;
+- the memory bandwidth of a copy into another buffer, and of an update in place (``update_bandwidth``): a CPU reads
+  the destination's cache lines before writing them (write-allocate), so a copy moves three bytes per two it
+  counts and an in-place update two (the EPYC: 31 against 51 to 61 GB/s); the optimizer's updates and gradient
+  accumulation run in place;
+- the rate of the step's named kernels (:data:`KERNELS`: attention, the norms, the activations, cross-entropy,
+  forward and backward, per dtype), which then take ``units / rate`` as their compute time: on a CPU the
+  transcendental functions of GELU (erf), SiLU and the softmax (exp, log) are evaluated per element and bound these
+  kernels well above their bytes (the EPYC: a 1,024 x 1,000 fp32 log_softmax took 350 us against 34 us of copy
+  bandwidth), and an attention kernel does not reach the GEMM rate of its FLOPs (unmeasured, it is costed as a
+  matmul of its batched QK^T shape);
+- the host's cost per op, per phase (:attr:`Calibration.host_s`), else a documented per-launch figure.
+
+Where no run exists, :func:`datasheet_calibration` takes the hardware table's peaks scaled by
 :data:`DATASHEET_EFFICIENCY`.
 
 MFU (PaLM, Chowdhery et al. 2022, App. B) counts the model's FLOPs (forward and backward, no recomputation); HFU
@@ -44,7 +57,8 @@ from .specs import MLPSpec, ModelSpec, check_seq_len, param_counts
 from .vocabulary import OPTIMIZER_IMPLS, OPTIMIZERS, STEP_CHECKPOINTING, checkpointed_blocks
 
 __all__ = [
-    "BOUNDS", "DATASHEET_EFFICIENCY", "LAUNCH_OVERHEAD_S", "PHASES", "Calibration", "MatmulPoint", "Op",
+    "BOUNDS", "DATASHEET_EFFICIENCY", "KERNELS", "LAUNCH_OVERHEAD_S", "LAYOUTS", "PHASES", "Calibration", "KernelPoint",
+    "MatmulPoint", "Op",
     "PhaseTime", "StepTime", "datasheet_calibration", "mlp_step_ops", "op_seconds", "optimizer_ops", "step_time",
     "transformer_step_ops",
 ]
@@ -71,14 +85,63 @@ _FOREACH_TENSORS = 36
 _FOREACH_ELEMENTS = 320 * 65536
 
 
+# The kernels whose rate a calibration may measure, each forward and backward (``<name>_backward``), and what their
+# ``units`` count: elements of the kernel's input (for cross-entropy, of the logits), for attention the FLOPs that
+# :func:`~torchledger.formulas.flops.attention_flops` and ``attention_backward_flops`` count.
+KERNELS: tuple[str, ...] = ("attention", "layer_norm", "rms_norm", "gelu", "silu", "cross_entropy")
+
+
+def _kernel_name(kernel: str) -> str:
+    base = kernel.removesuffix("_backward")
+    if base not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not one of {', '.join(KERNELS)} (or their _backward)")
+    return kernel
+
+
+def _interpolate(points: list[tuple[float, float]], x: float) -> float:
+    """Piecewise-linear in ``x`` between (x, rate) points sorted by x, held at the nearest one outside them."""
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, r0), (x1, r1) in pairwise(points):
+        if x <= x1:
+            return r0 + (x - x0) / (x1 - x0) * (r1 - r0)
+    return points[-1][1]
+
+
+@dataclass(frozen=True)
+class KernelPoint:
+    """One measured kernel: ``kernel`` (a name of :data:`KERNELS`, or it with ``_backward``) in ``dtype`` over
+    ``units`` (see :data:`KERNELS`) at ``per_s`` units per second."""
+
+    kernel: str
+    dtype: str
+    units: int
+    per_s: float
+
+    def __post_init__(self) -> None:
+        _kernel_name(self.kernel)
+        positive_int("units", self.units)
+        positive_number("per_s", self.per_s)
+
+
+# Operand layouts of a matmul, as BLAS names them for row-major C = A B: ``nn`` both stored as used; ``nt`` B stored
+# transposed (a Linear's forward, x W^T, reads the (n, k) weight); ``tn`` A stored transposed (a Linear's weight
+# gradient, dY^T X). A library picks a different kernel for each, at a different rate.
+LAYOUTS: tuple[str, ...] = ("nn", "nt", "tn")
+
+
 @dataclass(frozen=True)
 class MatmulPoint:
-    """One measured matmul: (m, k) x (k, n) at ``flops_per_s`` achieved."""
+    """One measured matmul: (m, k) x (k, n) in ``layout`` (:data:`LAYOUTS`) at ``flops_per_s`` achieved."""
 
     m: int
     k: int
     n: int
     flops_per_s: float
+    layout: str = "nn"
+
+    def __post_init__(self) -> None:
+        one_of("layout", self.layout, LAYOUTS)
 
     @property
     def flops(self) -> int:
@@ -88,8 +151,9 @@ class MatmulPoint:
 @dataclass(frozen=True)
 class Calibration:
     """The achievable ceilings of one machine: matmul FLOP/s by peak dtype at measured shapes, bandwidth (bytes/s,
-    read plus written), the per-launch overhead in seconds (``launch_s``; ``host_s``: measured per phase, which
-    wins where given), and where they came from."""
+    read plus written, of a copy into another buffer; ``update_bandwidth``: of an update in place, where measured),
+    the per-launch overhead in seconds (``launch_s``; ``host_s``: measured per phase, which wins where given), the
+    measured rates of named kernels (``kernels``), and where they came from."""
 
     device: str
     matmul: dict[str, tuple[MatmulPoint, ...]]
@@ -99,9 +163,13 @@ class Calibration:
     peaks: dict[str, float] = field(default_factory=dict)
     source: str = ""
     host_s: dict[str, float] = field(default_factory=dict)
+    kernels: tuple[KernelPoint, ...] = ()
+    update_bandwidth: float | None = None
 
     def __post_init__(self) -> None:
         positive_number("bandwidth", self.bandwidth)
+        if self.update_bandwidth is not None:
+            positive_number("update_bandwidth", self.update_bandwidth)
         if not (isinstance(self.launch_s, (int, float)) and self.launch_s >= 0):
             raise ValueError(f"launch_s={self.launch_s!r} must be a number >= 0")
         for phase, seconds in self.host_s.items():
@@ -115,29 +183,40 @@ class Calibration:
             for p in points:
                 positive_number(f"matmul[{dtype!r}].flops_per_s", p.flops_per_s)
 
-    def matmul_rate(self, dtype: str, m: int, k: int, n: int) -> float:
-        """Achievable FLOP/s of an (m, k) x (k, n) matmul in ``dtype``: the measured rate of that very shape, else
-        interpolated in log(FLOPs) between the measured shapes of that dtype (shapes of equal FLOPs averaged),
-        held at the nearest one outside them."""
+    def matmul_rate(self, dtype: str, m: int, k: int, n: int, layout: str = "nn") -> float:
+        """Achievable FLOP/s of an (m, k) x (k, n) matmul in ``dtype`` and ``layout``: the measured rate of that
+        very shape and layout, else of that shape in any layout (averaged), else interpolated in log(FLOPs) between
+        the measured shapes of that dtype (shapes of equal FLOPs averaged), held at the nearest one outside them."""
+        one_of("layout", layout, LAYOUTS)
         key = peak_dtype(dtype)
         points = self.matmul.get(key)
         if not points:
             raise ValueError(f"dtype={dtype!r}: the calibration of {self.device} has no matmul of that dtype "
                              f"(has: {', '.join(sorted(self.matmul)) or 'none'})")
-        same = [p.flops_per_s for p in points if (p.m, p.k, p.n) == (m, k, n)]
+        same = [p.flops_per_s for p in points if (p.m, p.k, p.n, p.layout) == (m, k, n, layout)] or [
+            p.flops_per_s for p in points if (p.m, p.k, p.n) == (m, k, n)]
         if same:
             return sum(same) / len(same)
         by_flops: dict[int, list[float]] = {}
         for p in points:
             by_flops.setdefault(p.flops, []).append(p.flops_per_s)
         ordered = [(math.log(f), sum(r) / len(r)) for f, r in sorted(by_flops.items())]
-        x = math.log(matmul_flops(m, k, n))
-        if x <= ordered[0][0]:
-            return ordered[0][1]
-        for (x0, r0), (x1, r1) in pairwise(ordered):
-            if x <= x1:
-                return r0 + (x - x0) / (x1 - x0) * (r1 - r0)
-        return ordered[-1][1]
+        return _interpolate(ordered, math.log(matmul_flops(m, k, n)))
+
+    def kernel_rate(self, kernel: str, dtype: str, units: int) -> float | None:
+        """Measured units per second of ``kernel`` in ``dtype`` over ``units``: interpolated in log(units)
+        between the measured sizes (held at the nearest outside them); None where the calibration did not measure
+        that kernel in that dtype."""
+        _kernel_name(kernel)
+        key = peak_dtype(dtype)
+        by_units: dict[int, list[float]] = {}
+        for p in self.kernels:
+            if p.kernel == kernel and peak_dtype(p.dtype) == key:
+                by_units.setdefault(p.units, []).append(p.per_s)
+        if not by_units:
+            return None
+        ordered = [(math.log(u), sum(r) / len(r)) for u, r in sorted(by_units.items())]
+        return _interpolate(ordered, math.log(max(1, units)))
 
     def per_launch(self, phase: str) -> float:
         """Seconds charged per launch of an op of ``phase``: the measured host cost per op of that phase, else
@@ -170,7 +249,8 @@ def datasheet_calibration(dev: DeviceSpec, *, efficiency: float = DATASHEET_EFFI
 @dataclass(frozen=True)
 class Op:
     """One op of a step (or ``count`` identical ones): its FLOPs, the bytes it reads and writes, its matmul shape
-    (m, k, n) and dtype where it is a matmul, and the kernels it launches."""
+    (m, k, n) where it is a matmul, the dtype it computes in, the kernels it launches, and where it is one of the
+    named :data:`KERNELS`, that name and its ``units``."""
 
     name: str
     phase: str
@@ -180,15 +260,27 @@ class Op:
     dtype: str = "fp32"
     launches: int = 1
     count: int = 1
+    kernel: str | None = None
+    units: int = 0
+    layout: str = "nn"
+    in_place: bool = False
 
 
 def op_seconds(op: Op, cal: Calibration) -> tuple[float, float, float]:
-    """(compute, memory, launch) seconds of one instance of ``op``: its time is max(compute, memory) + launch."""
+    """(compute, memory, launch) seconds of one instance of ``op``: its time is max(compute, memory) + launch.
+
+    The compute time of a named kernel the calibration measured is its units over the measured rate (for
+    attention this replaces the GEMM rate of its FLOPs); else a matmul's FLOPs over the matmul rate of its shape,
+    else none. NB: a measured kernel's time includes its own launch, which is charged again as a launch."""
     compute = 0.0
-    if op.flops:
+    rate = cal.kernel_rate(op.kernel, op.dtype, op.units) if op.kernel and op.units else None
+    if rate is not None:
+        compute = op.units / rate
+    elif op.flops:
         m, k, n = op.shape if op.shape is not None else (1, 1, max(1, op.flops // 2))
-        compute = op.flops / cal.matmul_rate(op.dtype, m, k, n)
-    return compute, op.bytes / cal.bandwidth, op.launches * cal.per_launch(op.phase)
+        compute = op.flops / cal.matmul_rate(op.dtype, m, k, n, op.layout)
+    bandwidth = cal.update_bandwidth if op.in_place and cal.update_bandwidth else cal.bandwidth
+    return compute, op.bytes / bandwidth, op.launches * cal.per_launch(op.phase)
 
 
 @dataclass(frozen=True)
@@ -291,12 +383,20 @@ class _Builder:
     autocast: bool
     ops: list[Op] = field(default_factory=list)
 
-    def mem(self, name: str, phase: str, nbytes: int, count: int = 1, launches: int = 1) -> None:
+    @property
+    def act(self) -> str:
+        """The dtype of the residual stream, the norms and the loss: fp32 under autocast (its fp32 op list holds
+        layer_norm and log_softmax), else the recipe's."""
+        return "fp32" if self.autocast else self.compute
+
+    def mem(self, name: str, phase: str, nbytes: int, count: int = 1, launches: int = 1, *,
+            kernel: str | None = None, units: int = 0, dtype: str | None = None, in_place: bool = False) -> None:
         if count and nbytes >= 0:
-            self.ops.append(Op(name, phase, bytes=nbytes, launches=launches, count=count))
+            self.ops.append(Op(name, phase, bytes=nbytes, launches=launches, count=count, kernel=kernel,
+                               units=units, dtype=dtype or self.act, in_place=in_place))
 
     def mm(self, name: str, phase: str, m: int, k: int, n: int, count: int = 1, *, groups: int = 1,
-           split: int = 0) -> None:
+           split: int = 0, layout: str = "nn") -> None:
         """An (m, k) x (k, n) matmul in the compute dtype, reading A and B and writing C once; ``groups`` such
         matmuls side by side (a Mixture of Experts' experts) share the rows of dimension ``split`` (0: m, 1: k),
         and each runs at the rate of its own shape."""
@@ -306,7 +406,7 @@ class _Builder:
         # weight gradient): groups - 1 more of them are read or written
         self.ops.append(Op(name, phase, flops=matmul_flops(m, k, n),
                            bytes=(m * k + k * n + m * n + (groups - 1) * (n * (k if split == 0 else m))) * self.c,
-                           shape=(shape[0], shape[1], shape[2]), dtype=self.compute, count=count))
+                           shape=(shape[0], shape[1], shape[2]), dtype=self.compute, count=count, layout=layout))
 
     def linear(self, name: str, tokens: int, d_in: int, d_out: int, bias: bool, fwd_phases: list[tuple[str, int]],
                bwd_count: int, *, input_grad: bool = True, input_cast: bool = True, experts: int = 1) -> None:
@@ -319,14 +419,15 @@ class _Builder:
                 self.mem(f"{name}.cast_weight", phase, w * (self.p + self.c), count)
                 if input_cast:
                     self.mem(f"{name}.cast_input", phase, tokens * d_in * (self.a + self.c), count)
-            self.mm(name, phase, tokens, d_in, d_out, count, groups=experts)
+            self.mm(name, phase, tokens, d_in, d_out, count, groups=experts, layout="nt")  # x W^T
         if not bwd_count:
             return
         if input_grad:
-            self.mm(f"{name}.dgrad", "backward", tokens, d_out, d_in, bwd_count, groups=experts)
+            self.mm(f"{name}.dgrad", "backward", tokens, d_out, d_in, bwd_count, groups=experts)  # dY W
             if self.autocast and input_cast:
                 self.mem(f"{name}.cast_input.backward", "backward", tokens * d_in * (self.c + self.a), bwd_count)
-        self.mm(f"{name}.wgrad", "backward", d_out, tokens, d_in, bwd_count, groups=experts, split=1)
+        self.mm(f"{name}.wgrad", "backward", d_out, tokens, d_in, bwd_count, groups=experts, split=1,
+                layout="tn")  # dY^T X
         if bias:
             self.mem(f"{name}.bias_grad", "backward", tokens * d_out * self.c, bwd_count)
         if self.autocast:  # the grad of the cast: back to the parameter's dtype
@@ -368,8 +469,12 @@ def optimizer_ops(n_params: int, n_tensors: int, *, optimizer: str = "adamw", op
         launches = max(-(-n_tensors // _FOREACH_TENSORS), -(-n_params // _FOREACH_ELEMENTS))
     else:
         launches = n_tensors
-    ops = [Op(f"{optimizer}.{optimizer_impl}[{i}]", "optimizer", bytes=b * n_params, launches=launches)
-           for i, b in enumerate(kernels)]
+    # Every kernel updates its first operand in place except Adam's sqrt(v), which writes a new tensor (the denominator
+    # that div_, add_ and addcdiv_ then use): on a CPU a write into another buffer first reads its cache lines
+    # (write-allocate), an update in place does not (Calibration.update_bandwidth).
+    out_of_place = {len(kernels) - 4} if optimizer in ("adam", "adamw") and optimizer_impl != "fused" else set()
+    ops = [Op(f"{optimizer}.{optimizer_impl}[{i}]", "optimizer", bytes=b * n_params, launches=launches,
+              in_place=i not in out_of_place) for i, b in enumerate(kernels)]
     if master_bytes:
         ops.append(Op("master_to_params", "optimizer", bytes=(master_bytes + param_bytes) * n_params,
                       launches=launches))
@@ -388,12 +493,12 @@ def _tail_ops(b: _Builder, r: Any, n_params: int, n_tensors: int, *, optimizer: 
               device: str, grad_accum: int, shards: int = 1) -> None:
     """Gradient accumulation's adds, GradScaler's unscale (``16-mixed``) and the optimizer, the last two over one
     rank's ``1 / shards`` of the parameters (ZeRO and FSDP shard gradients and optimizer state)."""
-    if grad_accum > 1:  # later micro-batches add into .grad: read both, write one
-        b.mem("grad_accumulate", "backward", 3 * n_params * b.g, grad_accum - 1)
+    if grad_accum > 1:  # later micro-batches add into .grad: read both, write one, in place
+        b.mem("grad_accumulate", "backward", 3 * n_params * b.g, grad_accum - 1, in_place=True)
     n_params = -(-n_params // positive_int("shards", shards))
     if r.name == "16-mixed":  # GradScaler.unscale_: _amp_foreach_non_finite_check_and_unscale_ reads, writes grads
         launches = -(-n_tensors // _FOREACH_TENSORS) if device == "cuda" else n_tensors
-        b.mem("grad_scaler.unscale", "optimizer", 2 * n_params * b.g, launches=launches)
+        b.mem("grad_scaler.unscale", "optimizer", 2 * n_params * b.g, launches=launches, in_place=True)
     master = dtype_bytes(r.master_dtype) if r.master_dtype else 0
     b.ops.extend(optimizer_ops(n_params, n_tensors, optimizer=optimizer, optimizer_impl=optimizer_impl,
                                param_bytes=b.p, grad_bytes=b.g, state_bytes=dtype_bytes(r.optimizer_dtype),
@@ -450,9 +555,11 @@ def transformer_step_ops(
     no_last = [("forward", L * ga)] + ([("recompute", 0)] if ckpt else [])  # early stop: down proj not re-run
     bwd = L * ga
 
-    def mem_fwd(name: str, nbytes: int) -> None:
+    def mem_fwd(name: str, nbytes: int, **kernel: Any) -> None:
         for phase, count in block_fwd:
-            b.mem(name, phase, nbytes, count)
+            b.mem(name, phase, nbytes, count, **kernel)
+
+    norm = "layer_norm" if spec.description.norm == "layernorm" else "rms_norm"
 
     # embeddings (lookups: read the rows, write the activations) and their backward (zeroed table, scatter-add)
     b.mem("embedding", "forward", 2 * n * d * a, ga)
@@ -461,8 +568,8 @@ def transformer_step_ops(
         b.mem("position_embedding+add", "forward", 4 * n * d * a, ga)
         b.mem("position_embedding.backward", "backward", counts.position_embedding * b.g + 2 * n * d * b.g, ga)
     # blocks
-    mem_fwd("norm_1", 2 * n * d * a)
-    b.mem("norm_1.backward", "backward", 5 * n * d * a, bwd)
+    mem_fwd("norm_1", 2 * n * d * a, kernel=norm, units=n * d)
+    b.mem("norm_1.backward", "backward", 5 * n * d * a, bwd, kernel=f"{norm}_backward", units=n * d)
     b.linear("attn.qkv", n, d, q + 2 * kv, bias, block_fwd, bwd)
     heads = batch * spec.n_heads
     window = getattr(spec, "sliding_window", None)
@@ -473,17 +580,19 @@ def transformer_step_ops(
     for phase, count in block_fwd:
         if count:
             b.ops.append(Op("attention", phase, flops=att_fwd, bytes=n * (2 * q + 2 * kv) * c,
-                            shape=(heads * seq_len, hd, seq_len), dtype=b.compute, count=count))
+                            shape=(heads * seq_len, hd, seq_len), dtype=b.compute, count=count,
+                            kernel="attention", units=att_fwd))
     b.ops.append(Op("attention.backward", "backward", flops=att_bwd, bytes=n * (4 * q + 4 * kv) * c,
-                    shape=(heads * seq_len, hd, seq_len), dtype=b.compute, count=bwd))
+                    shape=(heads * seq_len, hd, seq_len), dtype=b.compute, count=bwd,
+                    kernel="attention_backward", units=att_bwd))
     mem_fwd("attention.transpose", 2 * n * q * c)
     b.mem("attention.transpose.backward", "backward", 2 * n * q * c, bwd)
     b.mem("qkv_grad.cat", "backward", 2 * n * (q + 2 * kv) * c, bwd)
     b.linear("attn.out", n, q, d, bias, block_fwd, bwd, input_cast=False)
     mem_fwd("residual_add_1", n * d * (2 * a + c))
     b.mem("residual_grad_add_1", "backward", 3 * n * d * a, bwd)
-    mem_fwd("norm_2", 2 * n * d * a)
-    b.mem("norm_2.backward", "backward", 5 * n * d * a, bwd)
+    mem_fwd("norm_2", 2 * n * d * a, kernel=norm, units=n * d)
+    b.mem("norm_2.backward", "backward", 5 * n * d * a, bwd, kernel=f"{norm}_backward", units=n * d)
     # A Mixture of Experts: the router's logits, and n x k token-rows through the experts' matrices, gathered
     # before them and scattered (weighted) back after. NB: the router's softmax and top-k are left out.
     experts, active = getattr(spec, "experts", 1), getattr(spec, "active_experts", 1)
@@ -496,8 +605,10 @@ def transformer_step_ops(
         b.mem("moe.combine.backward", "backward", 4 * rows * d * c, bwd)
     for name in (("mlp.gate", "mlp.up") if gated else ("mlp.fc",)):
         b.linear(name, rows, d, f, bias, block_fwd, bwd, input_cast=experts == 1, experts=experts)
-    mem_fwd("mlp.act", 2 * rows * f * c)
-    b.mem("mlp.act.backward", "backward", 3 * rows * f * c, bwd)
+    act = "silu" if gated else "gelu"  # the activation runs on the matmul's output, in the compute dtype
+    mem_fwd("mlp.act", 2 * rows * f * c, kernel=act, units=rows * f, dtype=b.compute)
+    b.mem("mlp.act.backward", "backward", 3 * rows * f * c, bwd, kernel=f"{act}_backward", units=rows * f,
+          dtype=b.compute)
     if gated:
         mem_fwd("mlp.gate*up", 3 * rows * f * c)
         b.mem("mlp.gate*up.backward", "backward", 4 * rows * f * c, bwd)
@@ -507,8 +618,8 @@ def transformer_step_ops(
     mem_fwd("residual_add_2", n * d * (2 * a + c))
     b.mem("residual_grad_add_2", "backward", 3 * n * d * a, bwd)
     # final norm, head, loss
-    b.mem("final_norm", "forward", 2 * n * d * a, ga)
-    b.mem("final_norm.backward", "backward", 5 * n * d * a, ga)
+    b.mem("final_norm", "forward", 2 * n * d * a, ga, kernel=norm, units=n * d)
+    b.mem("final_norm.backward", "backward", 5 * n * d * a, ga, kernel=f"{norm}_backward", units=n * d)
     b.linear("lm_head", n, d, spec.vocab_size, False, [("forward", ga)], ga)
     if spec.tied_embeddings:  # the head's weight grad and the embedding's meet in one .grad
         b.mem("tied_grad_add", "backward", 3 * spec.vocab_size * d * b.g, ga)
@@ -516,8 +627,9 @@ def transformer_step_ops(
     if b.autocast:  # autocast runs cross_entropy in fp32: cast the logits, and the gradient back
         b.mem("logits.cast", "forward", nv * (c + 4), ga)
         b.mem("logits.cast.backward", "backward", nv * (4 + c), ga)
-    b.mem("log_softmax", "forward", 2 * nv * 4 if b.autocast else 2 * nv * a, ga)
-    b.mem("nll+log_softmax.backward", "backward", 4 * nv * (4 if b.autocast else a), ga, launches=3)
+    b.mem("log_softmax", "forward", 2 * nv * 4 if b.autocast else 2 * nv * a, ga, kernel="cross_entropy", units=nv)
+    b.mem("nll+log_softmax.backward", "backward", 4 * nv * (4 if b.autocast else a), ga, launches=3,
+          kernel="cross_entropy_backward", units=nv)
     mlp_tensors = spec.mlp_matrices * experts + int(experts > 1)
     n_tensors = 1 + int(bool(counts.position_embedding)) + norm_tensors * (2 * L + 1) + L * (
         2 + mlp_tensors + (2 + mlp_tensors) * int(bias)) + int(not spec.tied_embeddings)
@@ -546,8 +658,10 @@ def mlp_step_ops(spec: MLPSpec, batch: int, *, precision: str = "32-true", optim
     if b.autocast:
         b.mem("logits.cast", "forward", out * (b.c + 4), ga)
         b.mem("logits.cast.backward", "backward", out * (4 + b.c), ga)
-    b.mem("log_softmax", "forward", 2 * out * 4, ga)
-    b.mem("nll+log_softmax.backward", "backward", 4 * out * 4, ga, launches=3)
+    e = 4 if b.autocast else b.a  # autocast runs cross-entropy in fp32; else the logits' own dtype
+    b.mem("log_softmax", "forward", 2 * out * e, ga, kernel="cross_entropy", units=out)
+    b.mem("nll+log_softmax.backward", "backward", 4 * out * e, ga, launches=3, kernel="cross_entropy_backward",
+          units=out)
     _tail_ops(b, r, spec.n_params, 2 * len(layers), optimizer=optimizer, optimizer_impl=optimizer_impl,
               device=device, grad_accum=ga)
     return [op for op in b.ops if op.count]

@@ -5,13 +5,21 @@ From the newest run of a machine folder (``results/<device tag>/``, the runs of 
 are read, never a timed training step:
 
 - every matmul of the ``roofline`` group (``test_biggest_matmul``, and ``test_matmul_shape``: the shapes the
-  profile's steps run) and of the ``precision`` group (``test_matmul``): its dtype, its shape (``work.shape``,
-  ``shape``, or the edge of a square matmul of the recorded FLOPs) and its achieved FLOP/s (FLOPs over the median
+  profile's steps run, each in its operand layout) and of the ``precision`` group (``test_matmul``): its dtype, its
+  shape (``work.shape``, ``shape``, or the edge of a square matmul of the recorded FLOPs), its ``layout`` (``nn``
+  where the run recorded none) and its achieved FLOP/s (FLOPs over the median
   wall time of a call, the statistic the timed steps report); repeated measurements of one shape and dtype are
   averaged;
 - the device-to-device copy of the ``roofline`` group (``test_copy_bandwidth``): bytes read plus written
   (``bytes_moved`` in the runs that recorded it, else twice the copied ``work.bytes``) over the median time.
 
+- every kernel of the ``roofline`` group's ``test_kernel_rate`` (attention, the norms, the activations and
+  cross-entropy, forward and backward, at the profile's shapes): its ``kernel``, ``dtype`` and ``units`` over the
+  median time, the rate :meth:`~torchledger.formulas.steptime.Calibration.kernel_rate` gives the op list's kernels
+  of that name and dtype (a run without them leaves those ops to their bytes, attention to the matmul rate);
+- the update in place of the ``roofline`` group (``test_update_bandwidth``: ``x.mul_(s)``), bytes read plus written
+  back over the median time, the bandwidth of the ops that update their operand in place (the optimizer, gradient
+  accumulation); a run without it charges them the copy's;
 - the host's cost per op inside a training step, per phase, from the ``roofline`` group's ``test_host_overhead``
   (``host_overhead_s``: a step of 64 Linear(8, 8) at batch 1, each phase's median seconds over the launches the
   step-time model lists for that step; results of one run averaged), where the run has it; else the device kind's
@@ -29,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from torchledger.formulas.hardware import lookup_device, peak_dtype
-from torchledger.formulas.steptime import LAUNCH_OVERHEAD_S, Calibration, MatmulPoint
+from torchledger.formulas.steptime import LAUNCH_OVERHEAD_S, LAYOUTS, Calibration, KernelPoint, MatmulPoint
 from torchledger.reporting.results import Result, Run, finite, newest_results, read_runs
 
 __all__ = ["HOST_PHASES", "calibration_from_run", "read_calibration"]
@@ -64,17 +72,29 @@ def calibration_from_run(run: Run) -> Calibration:
     gpus = info.get("gpus") or []
     gpu_name = gpus[0].get("name") if gpus and isinstance(gpus[0], dict) else None
     kind = "cuda" if gpu_name else "cpu"
-    samples: dict[tuple[str, tuple[int, int, int]], list[float]] = {}
+    samples: dict[tuple[str, tuple[int, int, int], str], list[float]] = {}
     bandwidths: list[float] = []
     host: dict[str, list[float]] = {}
+    kernels: dict[tuple[str, str, int], list[float]] = {}
+    updates: list[float] = []
     for result in run.results.values():
         name, extra = _test_name(result), result.extra_info
-        if result.group == "roofline" and name == "test_host_overhead":
+        if result.group == "roofline" and name == "test_kernel_rate":
+            kernel, dtype, units = extra.get("kernel"), extra.get("dtype"), extra.get("units")
+            if isinstance(kernel, str) and isinstance(dtype, str) and isinstance(units, int) and units > 0 \
+                    and result.median > 0:
+                kernels.setdefault((kernel, dtype, units), []).append(units / result.median)
+        elif result.group == "roofline" and name == "test_host_overhead":
             figures = extra.get("host_overhead_s")
             for phase, value in (figures.items() if isinstance(figures, dict) else ()):
                 seconds = finite(value)
                 if phase in HOST_PHASES and seconds is not None and seconds > 0:
                     host.setdefault(phase, []).append(seconds)
+        elif result.group == "roofline" and name == "test_update_bandwidth":
+            work = extra.get("work")
+            updated = finite(work.get("bytes")) if isinstance(work, dict) else None
+            if updated and updated > 0 and result.median > 0:
+                updates.append(2 * updated / result.median)  # read and written back
         elif result.group == "roofline" and name == "test_copy_bandwidth":
             work = extra.get("work")
             copied = finite(work.get("bytes")) if isinstance(work, dict) else None
@@ -89,14 +109,17 @@ def calibration_from_run(run: Run) -> Calibration:
                 key = peak_dtype(dtype)
             except ValueError:
                 continue
-            samples.setdefault((key, shape), []).append(flops / result.median)
+            layout = extra.get("layout", "nn")  # recorded since the shapes run in the step's layouts
+            if layout not in LAYOUTS:
+                continue
+            samples.setdefault((key, shape, layout), []).append(flops / result.median)
     if not samples:
         raise ValueError(f"{run.path}: no matmul of the roofline or precision group to calibrate from")
     if not bandwidths:
         raise ValueError(f"{run.path}: no copy bandwidth of the roofline group to calibrate from")
     matmul: dict[str, list[MatmulPoint]] = {}
-    for (dtype, (m, k, n)), rates in sorted(samples.items()):
-        matmul.setdefault(dtype, []).append(MatmulPoint(m, k, n, sum(rates) / len(rates)))
+    for (dtype, (m, k, n), layout), rates in sorted(samples.items()):
+        matmul.setdefault(dtype, []).append(MatmulPoint(m, k, n, sum(rates) / len(rates), layout))
     peaks: dict[str, float] = {}
     if gpu_name:
         with warnings.catch_warnings():
@@ -114,12 +137,20 @@ def calibration_from_run(run: Run) -> Calibration:
     else:
         launch_note = (f"launch overhead {launch_s * 1e6:.3g} us documented for {kind} (the run has no "
                        "test_host_overhead)")
+    points = []
+    for (kernel, dtype, units), rates in sorted(kernels.items()):
+        try:
+            points.append(KernelPoint(kernel, peak_dtype(dtype), units, sum(rates) / len(rates)))
+        except ValueError:  # a kernel or dtype this version does not model
+            continue
+    kernel_note = f"; {len(points)} kernel rates measured (test_kernel_rate)" if points else ""
     return Calibration(device=gpu_name or str(info.get("cpu_model") or run.machine),
                        matmul={k: tuple(v) for k, v in matmul.items()},
                        bandwidth=sum(bandwidths) / len(bandwidths), launch_s=launch_s, kind=kind,
-                       peaks=peaks, host_s=host_s,
+                       peaks=peaks, host_s=host_s, kernels=tuple(points),
+                       update_bandwidth=sum(updates) / len(updates) if updates else None,
                        source=f"the {run.machine} run of commit {run.commit or 'unknown'}, {run.datetime[:10]}; "
-                              f"{launch_note}")
+                              f"{launch_note}{kernel_note}")
 
 
 def read_calibration(path: str | Path) -> Calibration:
