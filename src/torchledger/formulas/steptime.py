@@ -27,11 +27,10 @@ The ceilings come from a :class:`Calibration`, each measured where the run has i
   counts and an in-place update two (the EPYC: 31 against 51 to 61 GB/s); the optimizer's updates and gradient
   accumulation run in place;
 - the rate of the step's named kernels (:data:`KERNELS`: attention, the norms, the activations, cross-entropy,
-  forward and backward, per dtype), which then take ``units / rate`` as their compute time: on a CPU the
-  transcendental functions of GELU (erf), SiLU and the softmax (exp, log) are evaluated per element and bound these
-  kernels well above their bytes (the EPYC: a 1,024 x 1,000 fp32 log_softmax took 350 us against 34 us of copy
-  bandwidth), and an attention kernel does not reach the GEMM rate of its FLOPs (unmeasured, it is costed as a
-  matmul of its batched QK^T shape);
+  forward and backward, per dtype), which then take ``units / rate`` as their compute time: an attention kernel
+  does not reach the GEMM rate of its FLOPs (unmeasured, it is costed as a matmul of its batched QK^T shape; the
+  EPYC's fp32 flash attention ran 62 GFLOP/s where gpt-tiny's GEMMs ran about 190), and kernels that evaluate
+  transcendental functions per element take longer than their bytes (GELU's backward, erf and exp: twice);
 - the host's cost per op, per phase (:attr:`Calibration.host_s`), else a documented per-launch figure.
 
 Where no run exists, :func:`datasheet_calibration` takes the hardware table's peaks scaled by
