@@ -3,6 +3,10 @@ measured beside the prediction."""
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -90,3 +94,69 @@ def test_checkpointing(ledger: Ledger, sizes: dict[str, Any], mode: str) -> None
                 predicted_activation_saving=none.saved - kept.saved,
                 predicted_step_s=predicted_step_s(ledger, MemoryCase(spec.name, batch, config, seq_len=seq)),
                 **memory_info(MemoryCase(spec.name, batch, config, seq_len=seq), measured))
+
+
+def _interleaved(ledger: Ledger, sizes: dict[str, Any], steps: dict[str, Callable[[], None]], first: str,
+                 **info: Any) -> None:
+    """Time ``steps`` round-robin: one call of the benchmark runs each once, in turn, each timed on its own. On a
+    shared machine whose speed drifts over seconds (the 2-core CPU: the same step 33 to 55 ms within 40 s), the
+    steps of one round run at the same speed, so the per-round difference from ``first`` (its median recorded as
+    ``added_s``) is what the variant costs, free of the drift that separate benchmarks see."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+
+    def round_robin() -> None:
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            ledger.sync()
+            times[name].append(time.perf_counter() - t0)
+
+    round_robin()  # optimizer state
+    rounds = max(sizes["rounds"], 15)
+    seconds = ledger.time(round_robin, rounds=rounds, warmup=1, events=False, **info)
+    timed = {name: v[-rounds:] for name, v in times.items()}
+    ledger.record(
+        interleaved_median_s=None if seconds is None else {n: statistics.median(v) for n, v in timed.items()},
+        added_s=None if seconds is None else {
+            n: statistics.median(a - b for a, b in zip(v, timed[first], strict=True)) for n, v in timed.items()
+            if n != first})
+
+
+@pytest.mark.benchmark(group="checkpointing")
+def test_checkpointing_interleaved(ledger: Ledger, sizes: dict[str, Any]) -> None:
+    """What each checkpointing mode adds to the step, the modes timed round-robin (see :func:`_interleaved`)."""
+    if ledger.cuda:
+        pytest.skip("a GPU runs each step at the clocks the sustained benchmarks record; interleaving is for CPUs "
+                    "shared with other work")
+    device, spec = ledger.device, get_preset(sizes["gpt"])
+    batch, seq = sizes["gpt_batch"], sizes["gpt_seq"]
+    steps: dict[str, Callable[[], None]] = {}
+    for mode in STEP_CHECKPOINTING:
+        torch.manual_seed(0)
+        step = TrainStep(build_transformer(spec, device=device), TrainConfig(checkpointing=mode), lm_loss)
+        batches = [token_batch(spec, batch, seq, device=device)]
+        steps[mode] = partial(step.step, batches)
+    _interleaved(ledger, sizes, steps, "none", samples=batch * len(steps),
+                 work={"model": spec.name, "batch": batch, "seq_len": seq, "modes": list(STEP_CHECKPOINTING)},
+                 recipe="32-true", modes=list(STEP_CHECKPOINTING))
+
+
+@pytest.mark.benchmark(group="accumulation")
+def test_accumulation_interleaved(ledger: Ledger, sizes: dict[str, Any]) -> None:
+    """What splitting the batch into ACCUM micro-batches adds to the step, timed round-robin with the whole batch."""
+    if ledger.cuda:
+        pytest.skip("a GPU runs each step at the clocks the sustained benchmarks record; interleaving is for CPUs "
+                    "shared with other work")
+    device, spec = ledger.device, get_preset(sizes["gpt"])
+    batch, seq = sizes["gpt_batch"], sizes["gpt_seq"]
+    steps: dict[str, Callable[[], None]] = {}
+    for k in (1, ACCUM):
+        torch.manual_seed(0)
+        step = TrainStep(build_transformer(spec, device=device), TrainConfig(grad_accum=k), lm_loss)
+        idx, targets = token_batch(spec, batch, seq, device=device)
+        per = batch // k
+        steps[f"{k}x"] = partial(step.step, [(idx[i * per:(i + 1) * per], targets[i * per:(i + 1) * per])
+                                             for i in range(k)])
+    _interleaved(ledger, sizes, steps, "1x", samples=batch * len(steps),
+                 work={"model": spec.name, "batch": batch, "seq_len": seq, "micro_batches": [1, ACCUM]},
+                 recipe="32-true", micro_batches=[1, ACCUM])
