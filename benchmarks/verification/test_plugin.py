@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -20,7 +21,7 @@ pytest_plugins = ["pytester"]
 ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = "torchledger.pytest_plugin"
 OPTIONS = ("--ledger-size", "--ledger-device", "--ledger-timing", "--ledger-flush-l2", "--ledger-cuda-graphs",
-           "--ledger-groups", "--ledger-memory-log", "--ledger-snapshot-dir")
+           "--ledger-groups", "--ledger-memory-log", "--ledger-snapshot-dir", "--ledger-malloc")
 
 MY_STEP = """
 import pytest
@@ -93,7 +94,11 @@ def test_a_repository_of_its_own_records_the_ledger_s_figures(my_repo: pytest.Py
     assert extra["comparable"]["name"] == "tflops" and extra["comparable"]["value"] > 0
     assert extra["comparable"]["fraction_of_peak"] is not None  # the CPU's measured matmul ceiling
     assert extra["tflops"] > 0 and extra["flops"] == 2 * 64**3
-    assert "torchledger" in json.loads(out.read_text())["machine_info"]
+    machine = json.loads(out.read_text())["machine_info"]["torchledger"]
+    # glibc's malloc thresholds fixed for the session (on glibc; named as left alone elsewhere)
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert machine["malloc"] == ({"mmap_threshold": 32 * 2**20, "trim_threshold": 64 * 2**20} if glibc
+                                 else "the C library's own thresholds")
 
 
 def test_runs_are_filed_per_device(my_repo: pytest.Pytester) -> None:

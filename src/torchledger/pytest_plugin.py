@@ -4,7 +4,8 @@ Installing torchledger registers it (the ``pytest11`` entry point ``torchledger.
 runs without installing loads it from its root conftest with ``pytest_plugins = ["torchledger.pytest_plugin"]``,
 which pytest skips when the entry point has registered it already. It brings:
 
-* the ``--ledger-*`` options (device, size profile, timing, L2 flush, CUDA graphs, benchmark groups, memory logs);
+* the ``--ledger-*`` options (device, size profile, timing, L2 flush, CUDA graphs, benchmark groups, memory logs,
+  glibc's malloc thresholds);
 * the ``device`` fixture (each test on the CPU and, marked ``cuda``, on CUDA), ``ledger_device``, ``ledger_size``
   and ``ledger_timing``; tests marked ``cuda`` are skipped, with the reason, when no GPU is present;
 * on CUDA the synchronized timer and warm-up rounds as pytest-benchmark's defaults, runs filed under
@@ -143,11 +144,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "(cuda_graph_median_s in extra_info) beside the eager figure",
     )
     group.addoption(
+        "--ledger-malloc",
+        choices=("fixed", "default"),
+        default="fixed",
+        help="fixed: set glibc's malloc mmap and trim thresholds to 32 and 64 MiB for the session, so CPU timings "
+        "do not depend on what ran before in the process (recorded in the machine info); default: leave glibc's "
+        "dynamic thresholds",
+    )
+    group.addoption(
         "--ledger-groups",
         metavar="G1,G2",
         default=None,
         help="run only these benchmark groups (comma-separated; everything else is deselected)",
     )
+
+
+# glibc's malloc thresholds this session fixed (--ledger-malloc fixed, on glibc), else empty
+_MALLOC: dict[str, int] = {}
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -158,6 +171,11 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.benchmark_storage = f"file://{config.rootpath / 'results' / _device_tag()}"
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped with the reason when none is present")
     _GROUP_WALL.clear()
+    _MALLOC.clear()
+    if config.getoption("--ledger-malloc") == "fixed":
+        from torchledger.measuring.machine import fix_malloc_thresholds
+
+        _MALLOC.update(fix_malloc_thresholds() or {})
     # a bad name stops the run before anything is collected
     parse_groups(config.getoption("--ledger-groups"), _known_groups(config))
     if config.getoption("--ledger-device") == "cuda" and not _cuda_available():
@@ -258,7 +276,8 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     """Add what pytest-benchmark leaves out: the GPU (NVML), CUDA/cuDNN/torch versions, CPU model, cores, RAM."""
     from torchledger.measuring.machine import describe_machine
 
-    machine_info["torchledger"] = describe_machine()
+    machine_info["torchledger"] = {**describe_machine(),
+                                   "malloc": dict(_MALLOC) if _MALLOC else "the C library's own thresholds"}
 
 
 def _gpu_names(machine_info: dict[str, Any]) -> list[str]:

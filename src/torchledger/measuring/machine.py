@@ -82,6 +82,39 @@ def describe_machine() -> dict[str, Any]:
     }
 
 
+# glibc's mallopt parameters (malloc.h) and the values the suite fixes them at: the most its dynamic thresholds ever
+# reach on a 64-bit machine (DEFAULT_MMAP_THRESHOLD_MAX, 32 MiB; the trim threshold is twice the mmap threshold).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+FIXED_MALLOC: dict[str, int] = {"mmap_threshold": 32 * 2**20, "trim_threshold": 64 * 2**20}
+
+
+def fix_malloc_thresholds() -> dict[str, int] | None:
+    """Fix glibc's malloc thresholds at :data:`FIXED_MALLOC`, so that CPU timings do not depend on what ran earlier
+    in the process; returns what was set, None where the C library is not glibc (nothing is changed there).
+
+    Why: glibc serves blocks of at least the mmap threshold with fresh pages and returns the top of its heap to the
+    OS when more than the trim threshold lies free there; the next write to such memory takes a page fault. Both
+    thresholds start at 128 KiB and rise to the largest block the process has freed (mallopt(3)), so the same
+    training step faults or not by the process's history. On the 2-core EPYC the MLP step of the small profile
+    (512-2048-2048-512, AdamW) faulted 27 to 45 MiB a step and took 34 to 39 ms in a fresh process, and faulted
+    nothing and took 26 ms after one 30 MiB block had been freed. Setting a threshold with mallopt turns the dynamic
+    adjustment off; these values are the state a process reaches once it has freed a block of 32 MiB, as training
+    at any real size does at its first step. Blocks of 32 MiB and more still get fresh pages every time."""
+    import ctypes
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if mallopt(_M_MMAP_THRESHOLD, FIXED_MALLOC["mmap_threshold"]) != 1 or \
+            mallopt(_M_TRIM_THRESHOLD, FIXED_MALLOC["trim_threshold"]) != 1:
+        return None
+    return dict(FIXED_MALLOC)
+
+
 def device_tag() -> str:
     """A folder-safe name for this machine's accelerator, by which its runs are filed: ``cuda-<gpu name>`` or
     ``cpu-<cpu model>`` (the same for every machine of that kind, so a nightly CI runner keeps one history)."""
