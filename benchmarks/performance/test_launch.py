@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -124,48 +125,66 @@ def _backward_nodes(loss: torch.Tensor) -> int:
     return len(seen)
 
 
+class HostStep:
+    """One training step of a host stack (forward and cross-entropy, backward, AdamW foreach and zero_grad, as
+    TrainStep runs 32-true), each phase timed inside every call and appended to ``phases``; ``counter``, when set,
+    counts the dispatched ops by phase."""
+
+    def __init__(self, stack: str, device: str, sync: Callable[[], None]) -> None:
+        self.device, self.sync = device, sync
+        self.model, self.modules = _host_stack(stack, device)
+        self.optimizer = make_optimizer(self.model.parameters(), TrainConfig("32-true", "adamw", "foreach"))
+        self.x = torch.randn(1, HOST_WIDTH, device=device)  # (1, 8)
+        self.y = torch.zeros(1, dtype=torch.long, device=device)
+        self.phases: dict[str, list[float]] = {p: [] for p in HOST_PHASES}
+        self.counter: _OpCounter | None = None
+
+    def loss(self) -> torch.Tensor:
+        with torch.autocast(torch.device(self.device).type, enabled=False):  # as TrainStep enters it under 32-true
+            return nn.functional.cross_entropy(self.model(self.x), self.y) / 1  # / grad_accum
+
+    def __call__(self) -> None:
+        t0 = time.perf_counter()
+        loss = self.loss()
+        self.sync()
+        t1 = time.perf_counter()
+        if self.counter is not None:
+            self.counter.phase = "backward"
+        loss.backward()
+        self.sync()
+        t2 = time.perf_counter()
+        if self.counter is not None:
+            self.counter.phase = "optimizer"
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.sync()
+        t3 = time.perf_counter()
+        for phase, seconds in zip(HOST_PHASES, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+            self.phases[phase].append(seconds)
+
+
+def model_launches(cuda: bool) -> dict[str, int]:
+    """The launches per phase the step-time model lists for the linear-relu stack's step."""
+    ops = mlp_step_ops(MLPSpec((HOST_WIDTH,) * (HOST_DEPTH + 1)), 1, device="cuda" if cuda else "cpu")
+    return {p: sum(op.launches * op.count for op in ops if op.phase == p) for p in HOST_PHASES}
+
+
 @pytest.mark.benchmark(group="roofline")
 @pytest.mark.parametrize("stack", HOST_STACKS)
 def test_host_overhead(ledger: Ledger, sizes: dict[str, Any], stack: str) -> None:
-    """One training step (forward and cross-entropy, backward, AdamW foreach and zero_grad, as TrainStep runs
-    32-true) of a deep stack of tiny layers, timed like the other steps; each phase timed inside every call, its
-    median over the rounds divided by the phase's kernels: the host's seconds per op of that phase."""
-    device = ledger.device
-    model, modules = _host_stack(stack, device)
-    optimizer = make_optimizer(model.parameters(), TrainConfig("32-true", "adamw", "foreach"))
-    x = torch.randn(1, HOST_WIDTH, device=device)  # (1, 8)
-    y = torch.zeros(1, dtype=torch.long, device=device)
-    phases: dict[str, list[float]] = {p: [] for p in HOST_PHASES}
-    counter: _OpCounter | None = None
-
-    def step() -> None:
-        t0 = time.perf_counter()
-        with torch.autocast(torch.device(device).type, enabled=False):  # as TrainStep enters it under 32-true
-            loss = nn.functional.cross_entropy(model(x), y) / 1  # / grad_accum
-        ledger.sync()
-        t1 = time.perf_counter()
-        if counter is not None:
-            counter.phase = "backward"
-        loss.backward()
-        ledger.sync()
-        t2 = time.perf_counter()
-        if counter is not None:
-            counter.phase = "optimizer"
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ledger.sync()
-        t3 = time.perf_counter()
-        for phase, seconds in zip(HOST_PHASES, (t1 - t0, t2 - t1, t3 - t2), strict=True):
-            phases[phase].append(seconds)
-
+    """One training step of a deep stack of tiny layers (:class:`HostStep`), timed like the other steps; each phase
+    timed inside every call, its median over the rounds divided by the phase's kernels: the host's seconds per op of
+    that phase."""
+    step = HostStep(stack, ledger.device, ledger.sync)
+    model, phases = step.model, step.phases
     step()  # the optimizer's state
-    nodes = _backward_nodes(nn.functional.cross_entropy(model(x), y) / 1)
-    optimizer.zero_grad(set_to_none=True)
-    counter = _OpCounter()
-    with counter:
+    nodes = _backward_nodes(step.loss())
+    step.optimizer.zero_grad(set_to_none=True)
+    step.counter = _OpCounter()
+    with step.counter:
         step()
-    kernels, views = counter.kernels, counter.views
-    counter = None
+    kernels, views = step.counter.kernels, step.counter.views
+    step.counter = None
     for values in phases.values():
         values.clear()
     rounds = max(sizes["rounds"], 50)  # a few ms per step: 50 rounds for a median on a shared machine
@@ -174,7 +193,7 @@ def test_host_overhead(ledger: Ledger, sizes: dict[str, Any], stack: str) -> Non
     timed = {p: sorted(v[-rounds:]) for p, v in phases.items()}  # the timed rounds (warmup rounds come first)
     median = {p: statistics.median(v) for p, v in timed.items()}
     info: dict[str, Any] = {
-        "stack": stack, "dispatched_kernels": kernels, "dispatched_views": views, "module_calls": modules + 1,
+        "stack": stack, "dispatched_kernels": kernels, "dispatched_views": views, "module_calls": step.modules + 1,
         "backward_nodes": nodes, "optimizer_tensors": sum(1 for _ in model.parameters()),
         "phase_median_s": None if seconds is None else median,
         "phase_quartiles_s": None if seconds is None else {
@@ -182,9 +201,7 @@ def test_host_overhead(ledger: Ledger, sizes: dict[str, Any], stack: str) -> Non
         "per_kernel_s": None if seconds is None else {p: median[p] / kernels[p] for p in HOST_PHASES},
     }
     if stack == "linear-relu":  # the stack whose ops the model lists: seconds per op as the model counts them
-        spec = MLPSpec((HOST_WIDTH,) * (HOST_DEPTH + 1))
-        ops = mlp_step_ops(spec, 1, device="cuda" if ledger.cuda else "cpu")
-        launches = {p: sum(op.launches * op.count for op in ops if op.phase == p) for p in HOST_PHASES}
+        launches = model_launches(ledger.cuda)
         info["model_launches"] = launches
         info["host_overhead_s"] = None if seconds is None else {p: median[p] / launches[p] for p in HOST_PHASES}
     ledger.record(**info)
