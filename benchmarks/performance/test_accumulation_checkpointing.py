@@ -122,14 +122,18 @@ def _interleaved(ledger: Ledger, sizes: dict[str, Any], steps: dict[str, Callabl
             if n != first})
 
 
-@pytest.mark.benchmark(group="checkpointing")
-def test_checkpointing_interleaved(ledger: Ledger, sizes: dict[str, Any]) -> None:
-    """What each checkpointing mode adds to the step, the modes timed round-robin (see :func:`_interleaved`)."""
+def _interleaved_setup(ledger: Ledger, sizes: dict[str, Any]) -> tuple[str, Any, int, int]:
+    """(device, transformer spec, batch, sequence length) of an interleaved comparison; skipped on CUDA."""
     if ledger.cuda:
         pytest.skip("a GPU runs each step at the clocks the sustained benchmarks record; interleaving is for CPUs "
                     "shared with other work")
-    device, spec = ledger.device, get_preset(sizes["gpt"])
-    batch, seq = sizes["gpt_batch"], sizes["gpt_seq"]
+    return ledger.device, get_preset(sizes["gpt"]), sizes["gpt_batch"], sizes["gpt_seq"]
+
+
+@pytest.mark.benchmark(group="checkpointing")
+def test_checkpointing_interleaved(ledger: Ledger, sizes: dict[str, Any]) -> None:
+    """What each checkpointing mode adds to the step, the modes timed round-robin (see :func:`_interleaved`)."""
+    device, spec, batch, seq = _interleaved_setup(ledger, sizes)
     steps: dict[str, Callable[[], None]] = {}
     for mode in STEP_CHECKPOINTING:
         torch.manual_seed(0)
@@ -144,11 +148,7 @@ def test_checkpointing_interleaved(ledger: Ledger, sizes: dict[str, Any]) -> Non
 @pytest.mark.benchmark(group="accumulation")
 def test_accumulation_interleaved(ledger: Ledger, sizes: dict[str, Any]) -> None:
     """What splitting the batch into ACCUM micro-batches adds to the step, timed round-robin with the whole batch."""
-    if ledger.cuda:
-        pytest.skip("a GPU runs each step at the clocks the sustained benchmarks record; interleaving is for CPUs "
-                    "shared with other work")
-    device, spec = ledger.device, get_preset(sizes["gpt"])
-    batch, seq = sizes["gpt_batch"], sizes["gpt_seq"]
+    device, spec, batch, seq = _interleaved_setup(ledger, sizes)
     steps: dict[str, Callable[[], None]] = {}
     for k in (1, ACCUM):
         torch.manual_seed(0)

@@ -46,21 +46,17 @@ RESULTS = Path(__file__).resolve().parents[2] / "results"
 # calibration tests' base: no kernel, layout or update figures).
 H200 = RESULTS / "cuda-nvidia-h200" / "Linux-CPython-3.12-64bit" / (
     "0001_59e1d7e22790d6f312809e3dd5baf71958bd5dde_20261127_050941.json")
-CPU = RESULTS / "cpu-amd-epyc" / "Linux-CPython-3.11-64bit" / (
-    "0002_71749bfae053b4b47cebe6cf7c562a056ac1bb21_20261125_204629.json")
-# The CPU's third run (commit 76d2f73): the first with the step kernels, every step matmul in its layout and the
-# update bandwidth measured; the CPU's steps are replayed from it.
-CPU3 = RESULTS / "cpu-amd-epyc" / "Linux-CPython-3.11-64bit" / (
-    "0003_76d2f734d3cbd511121e6c3bfbefa05c448918fd_20261127_151645.json")
-# The fourth (commit 0989dd0): the first with checkpointing and accumulation timed round-robin with their base step.
-CPU4 = RESULTS / "cpu-amd-epyc" / "Linux-CPython-3.11-64bit" / (
-    "0004_0989dd0b294ef8ce87f14241e09e496f618c64c6_20261127_153522.json")
-# The fifth (commit 4507218): the first with glibc's malloc thresholds fixed for the session (--ledger-malloc).
-CPU5 = RESULTS / "cpu-amd-epyc" / "Linux-CPython-3.11-64bit" / (
-    "0005_450721868c2f07bddfadc5bccdb1488c87cbccba_20261127_154222.json")
-# The sixth (commit efb559d): the first with the steps predicted from ceilings measured in the same rounds.
-CPU6 = RESULTS / "cpu-amd-epyc" / "Linux-CPython-3.11-64bit" / (
-    "0006_efb559d56d5cc5f47f469fd1db3d9574c6a6467c_20261127_154658.json")
+_CPU_RUNS = RESULTS / "cpu-amd-epyc" / "Linux-CPython-3.11-64bit"
+CPU = _CPU_RUNS / "0002_71749bfae053b4b47cebe6cf7c562a056ac1bb21_20261125_204629.json"
+# The CPU's runs from which its steps are replayed. The third (commit 76d2f73): the first with the step kernels, every
+# step matmul in its layout and the update bandwidth measured; the fourth (0989dd0): the first with checkpointing
+# and accumulation timed round-robin with their base step; the fifth (4507218): the first with glibc's malloc
+# thresholds fixed for the session (--ledger-malloc); the sixth (efb559d): the first with the steps predicted from
+# ceilings measured in the same rounds.
+CPU3 = _CPU_RUNS / "0003_76d2f734d3cbd511121e6c3bfbefa05c448918fd_20261127_151645.json"
+CPU4 = _CPU_RUNS / "0004_0989dd0b294ef8ce87f14241e09e496f618c64c6_20261127_153522.json"
+CPU5 = _CPU_RUNS / "0005_450721868c2f07bddfadc5bccdb1488c87cbccba_20261127_154222.json"
+CPU6 = _CPU_RUNS / "0006_efb559d56d5cc5f47f469fd1db3d9574c6a6467c_20261127_154658.json"
 # Seeded as test_memory_random.py is: the same examples every run unless TORCHLEDGER_RANDOM_SEED names a seed (or
 # ``random``) or the hypothesis profile is ``nightly``.
 _SEED_ENV = os.environ.get("TORCHLEDGER_RANDOM_SEED", "")
