@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 # The small profile's MLP step (512-2048-2048-512 at batch 32, 32-true, AdamW foreach, gradients set to None): the
-# pages faulted by each of the last 5 of 8 steps, in a fresh process, glibc's thresholds fixed or left dynamic.
+# pages faulted by each of the last 12 of 15 steps, in a fresh process, glibc's thresholds fixed or left dynamic.
 PATTERN = """
 import json, resource, sys
 import torch
@@ -34,7 +34,7 @@ from torchledger.workloads.train_step import TrainConfig
 torch.manual_seed(0)
 model, step, batches = MemoryCase("mlp", 32, TrainConfig(), mlp=MLPSpec((512, 2048, 2048, 512))).build("cpu")
 faults = []
-for i in range(8):
+for i in range(15):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step.step(batches)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -53,12 +53,13 @@ def _faults(policy: str) -> list[int]:
 def test_fixed_thresholds_stop_the_faults_of_a_repeated_step() -> None:
     # Each step frees the 24 MiB of gradients (zero_grad sets them to None) and AdamW's 24 MiB sqrt(v). Under glibc's
     # dynamic thresholds the largest block freed, the 2048 x 2048 gradient (16 MiB), raises the trim threshold to
-    # 32 MiB only: what the step frees at the top of the heap exceeds it, goes back to the OS, and is faulted in again
-    # by a later step (measured over five steps: 103 to 138 MiB, up to 50 MiB in one step, none in some). With the
-    # trim threshold at 64 MiB the heap keeps it: nothing in any step.
+    # 32 MiB only: what the step frees at the top of the heap can exceed it, go back to the OS, and be faulted in
+    # again by a later step. How often varies from process to process (where the heap lies): over five steps 32 to
+    # 138 MiB were measured, 44 MiB in most steps, none in some. The control asserts only that some step faulted a
+    # gradient's 16 MiB; with the trim threshold at 64 MiB the heap keeps it all: no step faults a MiB.
     mib = 2**20 // 4096  # pages of 4 KiB in a MiB
     dynamic, fixed = _faults("default"), _faults("fixed")
-    assert sum(dynamic) >= 40 * mib, dynamic
+    assert sum(dynamic) >= 16 * mib, dynamic
     assert max(fixed) < mib, fixed
 
 
