@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 # The small profile's MLP step (512-2048-2048-512 at batch 32, 32-true, AdamW foreach, gradients set to None): the
-# pages faulted by each of the last 12 of 15 steps, in a fresh process, glibc's thresholds fixed or left dynamic.
+# pages faulted by each of the last 8 of 15 steps, in a fresh process, glibc's thresholds fixed or left dynamic
+# (the heap still grows to its size in the first steps).
 PATTERN = """
 import json, resource, sys
 import torch
@@ -38,7 +39,7 @@ for i in range(15):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step.step(batches)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps(faults[3:]))
+print(json.dumps(faults[7:]))
 """
 
 
@@ -54,13 +55,14 @@ def test_fixed_thresholds_stop_the_faults_of_a_repeated_step() -> None:
     # Each step frees the 24 MiB of gradients (zero_grad sets them to None) and AdamW's 24 MiB sqrt(v). Under glibc's
     # dynamic thresholds the largest block freed, the 2048 x 2048 gradient (16 MiB), raises the trim threshold to
     # 32 MiB only: what the step frees at the top of the heap can exceed it, go back to the OS, and be faulted in
-    # again by a later step. How often varies from process to process (where the heap lies): over five steps 32 to
-    # 138 MiB were measured, 44 MiB in most steps, none in some. The control asserts only that some step faulted a
-    # gradient's 16 MiB; with the trim threshold at 64 MiB the heap keeps it all: no step faults a MiB.
+    # again by a later step. How often varies from process to process (where the heap lies): 44 MiB in most steps,
+    # none in some; over these eight steps 163 to 356 MiB were measured. With the trim threshold at 64 MiB the heap
+    # keeps it: at most 4 MiB over the eight steps (the heap growing once more), none in most processes. The bounds
+    # sit between the two: the control must fault at least 24 MiB, the fixed thresholds less than 16 MiB.
     mib = 2**20 // 4096  # pages of 4 KiB in a MiB
     dynamic, fixed = _faults("default"), _faults("fixed")
-    assert sum(dynamic) >= 16 * mib, dynamic
-    assert max(fixed) < mib, fixed
+    assert sum(dynamic) >= 24 * mib, dynamic
+    assert sum(fixed) < 16 * mib, fixed
 
 
 def test_the_fixed_values_are_glibc_s_largest_dynamic_ones() -> None:
