@@ -21,7 +21,7 @@ The ceilings come from a :class:`Calibration`, each measured where the run has i
   layout, else of its shape in any layout, else the rate interpolated piecewise-linearly in log(FLOPs) between the
   measured shapes of its dtype, held at the nearest one outside them (NB: a shape smaller than every measured one
   gets the smallest one's rate; the bytes term of the roofline is what slows small and skinny matmuls then). On the
-  2-core EPYC, fp16 GEMMs without a fast path ran 0.4 GFLOP/s in ``nn`` and 32 GFLOP/s in ``nt`` at one shape;
+  2-core EPYC, fp16 GEMMs without a fast path ran 0.4 GFLOP/s in ``nn`` and 34.5 GFLOP/s in ``nt`` at one shape;
 - the memory bandwidth of a copy into another buffer, and of an update in place (``update_bandwidth``): a CPU reads
   the destination's cache lines before writing them (write-allocate), so a copy moves three bytes per two it
   counts and an in-place update two (the EPYC: 31 against 51 to 61 GB/s); the optimizer's updates and gradient
