@@ -176,14 +176,19 @@ def test_mfu_and_hfu_are_named_apart() -> None:
 # ----------------------------------------------------------------------------------------------- replay
 
 
-def _measured(path: Path, name: str) -> float:
-    """The median of ``name`` in the run the calibration reads (the newest run of the machine, its commit's runs
+def _result(path: Path, name: str) -> Any:
+    """The result ``name`` in the run the calibration reads (the newest run of the machine, its commit's runs
     merged)."""
     from torchledger.reporting.results import newest_results, read_runs
 
     (history,) = read_runs([path]).by_machine.values()
     (result,) = [r for r in newest_results(history).results.values() if r.name.endswith(f"::{name}")]
-    return result.median
+    return result
+
+
+def _measured(path: Path, name: str) -> float:
+    """The median of ``name`` in the run the calibration reads."""
+    return float(_result(path, name).median)
 
 
 def _predict(path: Path, case: dict[str, Any]) -> float:
@@ -745,12 +750,9 @@ def test_the_shape_benchmarks_cover_every_matmul_the_profile_times(profile: str)
 # ----------------------------------------------------------------------------------------------- interleaved steps
 
 
-def _interleaved_result(path: Path, name: str) -> dict[str, Any]:
-    from torchledger.reporting.results import newest_results, read_runs
+def _extra_info(path: Path, name: str) -> dict[str, Any]:
+    return dict(_result(path, name).extra_info)
 
-    (history,) = read_runs([path]).by_machine.values()
-    (result,) = [r for r in newest_results(history).results.values() if r.name.endswith(f"::{name}")]
-    return result.extra_info
 
 
 # What a technique adds to the step, timed round-robin with the step without it (the shared CPU's drift cancels):
@@ -779,7 +781,7 @@ SAME_ROUNDS = ["gpt-32-true", "gpt-bf16-mixed", "mlp-32-true", "mlp-bf16-mixed"]
 
 @pytest.mark.parametrize("step", SAME_ROUNDS)
 def test_replay_same_round_prediction(step: str) -> None:
-    extra = _interleaved_result(CPU6, f"test_step_prediction_same_rounds[{step}]")
+    extra = _extra_info(CPU6, f"test_step_prediction_same_rounds[{step}]")
     assert extra["matmul_probes"] > 0 and extra["step_median_s"] > 0
     if step.startswith("gpt"):  # attention, LayerNorm, GELU, cross-entropy: forward and backward
         assert extra["kernel_probes"] == 8
@@ -795,7 +797,7 @@ def test_replay_what_a_technique_adds(run: Path, name: str, variant: str, base: 
                                       base_case: dict[str, Any], xfail: str | None) -> None:
     # The variant's step predicted as the measured step without the technique plus what the model says the technique
     # adds, against the variant measured in the same rounds: within 15%, the CPU's bound for a step
-    extra = _interleaved_result(run, name)
+    extra = _extra_info(run, name)
     medians, added = extra["interleaved_median_s"], extra["added_s"]
     case = {**_CPU_GPT, "recipe": "32-true"}
     predicted_added = _predict(run, {**case, **variant_case}) - _predict(run, {**case, **base_case})
