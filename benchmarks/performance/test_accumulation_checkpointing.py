@@ -113,7 +113,7 @@ def _interleaved(ledger: Ledger, sizes: dict[str, Any], steps: dict[str, Callabl
 
     round_robin()  # optimizer state
     rounds = max(sizes["rounds"], 15)
-    seconds = ledger.time(round_robin, rounds=rounds, warmup=1, events=False, **info)
+    seconds = ledger.time(round_robin, rounds=rounds, warmup=1, events=False, machine_speed=False, **info)
     timed = {name: v[-rounds:] for name, v in times.items()}
     ledger.record(
         interleaved_median_s=None if seconds is None else {n: statistics.median(v) for n, v in timed.items()},

@@ -138,6 +138,15 @@ class HostStep:
         self.y = torch.zeros(1, dtype=torch.long, device=device)
         self.phases: dict[str, list[float]] = {p: [] for p in HOST_PHASES}
         self.counter: _OpCounter | None = None
+        self.recording = True
+
+    def untimed(self) -> None:
+        """One step whose phase times are not kept (the call that refills the caches after the speed probe)."""
+        self.recording = False
+        try:
+            self()
+        finally:
+            self.recording = True
 
     def loss(self) -> torch.Tensor:
         with torch.autocast(torch.device(self.device).type, enabled=False):  # as TrainStep enters it under 32-true
@@ -159,8 +168,9 @@ class HostStep:
         self.optimizer.zero_grad(set_to_none=True)
         self.sync()
         t3 = time.perf_counter()
-        for phase, seconds in zip(HOST_PHASES, (t1 - t0, t2 - t1, t3 - t2), strict=True):
-            self.phases[phase].append(seconds)
+        if self.recording:
+            for phase, seconds in zip(HOST_PHASES, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                self.phases[phase].append(seconds)
 
 
 def model_launches(cuda: bool) -> dict[str, int]:
@@ -188,7 +198,7 @@ def test_host_overhead(ledger: Ledger, sizes: dict[str, Any], stack: str) -> Non
     for values in phases.values():
         values.clear()
     rounds = max(sizes["rounds"], 50)  # a few ms per step: 50 rounds for a median on a shared machine
-    seconds = ledger.time(step, rounds=rounds, warmup=5, batches=1, events=False,
+    seconds = ledger.time(step, rounds=rounds, warmup=5, batches=1, events=False, refill=step.untimed,
                           work={"stack": stack, "depth": HOST_DEPTH, "width": HOST_WIDTH, "batch": 1})
     timed = {p: sorted(v[-rounds:]) for p, v in phases.items()}  # the timed rounds (warmup rounds come first)
     median = {p: statistics.median(v) for p, v in timed.items()}

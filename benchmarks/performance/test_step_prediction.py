@@ -139,7 +139,7 @@ def test_step_prediction_same_rounds(ledger: Ledger, sizes: dict[str, Any], work
 
     one_round()  # the optimizer's state, every probe's first call
     # the comparable figure: rounds per second (one step and its probes a round)
-    seconds = ledger.time(one_round, rounds=ROUNDS, warmup=1, events=False, batches=1,
+    seconds = ledger.time(one_round, rounds=ROUNDS, warmup=1, events=False, batches=1, machine_speed=False,
                           work={"workload": workload, "recipe": recipe, "probes": len(probes)})
     if seconds is None:
         return

@@ -29,6 +29,7 @@ from torchledger.formulas.specs import MLPSpec, ModelSpec, get_preset
 from torchledger.formulas.steptime import (
     Calibration,
     KernelPoint,
+    MachineSpeed,
     MatmulPoint,
     Op,
     datasheet_calibration,
@@ -721,6 +722,67 @@ def test_calibration_reads_layouts_and_the_update_bandwidth(tmp_path: Path) -> N
     assert cal.matmul_rate("fp32", 1024, 128, 512, "tn") == pytest.approx(flops / 2e-3)
     assert cal.update_bandwidth == pytest.approx(2 * 64 * 2**20 / 4e-3)
     assert read_calibration(CPU).update_bandwidth is None  # the recorded run has none
+
+
+# ----------------------------------------------------------------------------------------------- machine speed
+
+
+def test_machine_speed_scales_each_ceiling_by_its_probe() -> None:
+    measured_at = MachineSpeed(200e9, 100e9, 1e-6)
+    slow = MachineSpeed(80e9, 40e9, 2e-6)  # the EPYC's slow phase: every probe at 40 to 50% of the fast one
+    # a rate in proportion to its probe's rate, the host's seconds in proportion to the host probe's seconds
+    assert measured_at.scale("compute", 150e9, slow) == pytest.approx(150e9 * 80 / 200)
+    assert measured_at.scale("memory", 60e9, slow) == pytest.approx(60e9 * 40 / 100)
+    assert measured_at.scale("host", 6e-6, slow) == pytest.approx(12e-6)
+    with pytest.raises(ValueError, match=r"kind must be one of .* got 'launch'"):
+        measured_at.scale("launch", 1.0, slow)
+    with pytest.raises(ValueError, match="copy_bytes_per_s=0"):
+        MachineSpeed(1.0, 0, 1.0)
+    assert MachineSpeed.median([slow, measured_at, MachineSpeed(100e9, 60e9, 1.5e-6)]) == \
+        MachineSpeed(100e9, 60e9, 1.5e-6)
+    assert MachineSpeed.from_record({"matmul_flops_per_s": 2.0, "copy_bytes_per_s": 3.0, "host_op_s": 4.0,
+                                     "samples": 15}) == MachineSpeed(2.0, 3.0, 4.0)
+    for raw in (None, {}, {"matmul_flops_per_s": 2.0, "copy_bytes_per_s": -3.0, "host_op_s": 4.0}, "fast"):
+        assert MachineSpeed.from_record(raw) is None
+
+
+def test_calibration_carries_every_ceiling_to_one_machine_speed(tmp_path: Path) -> None:
+    # one 64^3 matmul (524,288 FLOPs) timed at three machine speeds: 10, 20 and 40 us with the matmul probe at 200,
+    # 100 and 50 GFLOP/s, the same 0.262144 of the probe each time. Carried to the median speed (100 GFLOP/s) each
+    # is 26.2144 GFLOP/s; their plain mean would be 30.58. An update in place of 64 MiB in 4 ms and the host's cost
+    # per op (6, 4, 2 us) at the copy probe 30 GB/s and host probe 1 us.
+    flops = 2 * 64**3
+
+    def speed(matmul: float) -> dict[str, float]:
+        return {"matmul_flops_per_s": matmul, "copy_bytes_per_s": 30e9, "host_op_s": 1e-6, "samples": 5}
+    matmul = {"dtype": "fp32", "flops": flops, "shape": [64, 64, 64], "layout": "nt"}
+    entries = [("test_matmul_shape", {**matmul, "machine_speed": speed(200e9)}, 10e-6),
+               ("test_matmul_shape", {**matmul, "machine_speed": speed(100e9)}, 20e-6),
+               ("test_matmul_shape", {**matmul, "machine_speed": speed(50e9)}, 40e-6),
+               ("test_update_bandwidth", {"work": {"bytes": 64 * 2**20}, "machine_speed": speed(100e9)}, 4e-3),
+               ("test_host_overhead", {"host_overhead_s": {"forward": 6e-6, "backward": 4e-6, "optimizer": 2e-6},
+                                       "machine_speed": speed(100e9)}, 1e-3)]
+    path = _with_results(tmp_path, [(t, e) for t, e, _ in entries])
+    run = json.loads(path.read_text())
+    for bench, (_, _, median) in zip(run["benchmarks"][-len(entries):], entries, strict=True):
+        bench["stats"] = {**bench["stats"], "median": median}
+    path.write_text(json.dumps(run))
+    median = read_calibration(path)
+    assert median.speed == MachineSpeed(100e9, 30e9, 1e-6)
+    assert median.matmul_rate("fp32", 64, 64, 64, "nt") == pytest.approx(0.262144 * 100e9)
+    assert median.update_bandwidth == pytest.approx(2 * 64 * 2**20 / 4e-3)
+    assert median.host_s["forward"] == pytest.approx(6e-6)
+    assert "5 results' ceilings carried to the machine speed median (matmul probe 100 GFLOP/s" in median.source
+    # a step timed with the probes at 50 GFLOP/s, 15 GB/s and 2 us: every ceiling at that speed
+    step = MachineSpeed(50e9, 15e9, 2e-6)
+    at_step = read_calibration(path, at=step)
+    assert at_step.speed == step and "machine speed of the step" in at_step.source
+    assert at_step.matmul_rate("fp32", 64, 64, 64, "nt") == pytest.approx(0.262144 * 50e9)
+    assert at_step.update_bandwidth == pytest.approx(2 * 64 * 2**20 / 4e-3 / 2)
+    assert at_step.host_s == pytest.approx({"forward": 12e-6, "backward": 8e-6, "optimizer": 4e-6})
+    # what recorded no speed is taken as measured: the run's own copy bandwidth, and a run of none
+    assert at_step.bandwidth == pytest.approx(median.bandwidth)
+    assert read_calibration(CPU).speed is None
 
 
 @pytest.mark.parametrize("profile", ["small", "full"])

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import benchmarks.performance.conftest as perf
 from torchledger.formulas.hardware import lookup_device
 from torchledger.measuring import gpu_state
+from torchledger.measuring import timing as perf_timing
 from torchledger.measuring.gpu_state import GpuStateSampler, decode_throttle_reasons, summarize
 from torchledger.measuring.timing import agrees_with_do_bench, cuda_event_times, cuda_graph, iterations_for
 
@@ -295,6 +296,56 @@ def test_the_ledger_records_work_and_comparable_when_disabled() -> None:
     assert perf.work_problems(extra, timed=False) == []
     with pytest.raises(ValueError, match="timing"):
         perf.Ledger(FakeBenchmark(), "cpu", perf.CpuPeaks(64), timing="steady")
+
+
+class TimedBenchmark:
+    """Runs ``pedantic`` as pytest-benchmark does: ``setup`` before every warmup and timed round, one call a round;
+    the median is fixed (nothing here reads it but the ledger)."""
+
+    disabled = False
+    extra_info: dict[str, Any]
+
+    def __init__(self) -> None:
+        self.extra_info, self.setups = {}, 0
+        self.stats = types.SimpleNamespace(stats=types.SimpleNamespace(median=1e-3))
+
+    def pedantic(self, fn: Any, *, rounds: int, warmup_rounds: int, iterations: int, setup: Any) -> None:
+        assert iterations == 1 or setup is None  # pytest-benchmark refuses a setup with several iterations
+        for _ in range(warmup_rounds + rounds):
+            if setup is not None:
+                setup()
+                self.setups += 1
+            fn()
+
+
+def test_the_cpu_ledger_probes_the_machine_speed_in_every_round() -> None:
+    calls: list[str] = []
+    bench = TimedBenchmark()
+    ledger = perf.Ledger(bench, "cpu", perf.CpuPeaks(64), profile="small")
+    ledger.time(lambda: calls.append("fn"), rounds=4, warmup=1, work={}, refill=lambda: calls.append("refill"))
+    # before each of the 5 rounds the probe, then the refill, then the timed call
+    assert bench.setups == 5 and calls == ["refill", "fn"] * 5
+    speed = bench.extra_info["machine_speed"]
+    assert speed["samples"] == 4  # the timed rounds' probes, not the warmup's
+    m, k, n = perf_timing.SpeedProbe.MATMUL
+    assert 1e8 < speed["matmul_flops_per_s"] < 1e14 and 1e8 < speed["copy_bytes_per_s"] < 1e13
+    assert 1e-9 < speed["host_op_s"] < 1e-3 and (m, k, n) == (256, 512, 512)
+    # no probe where a round is not repeated (an epoch timed once), or the benchmark asks for none
+    for kwargs in ({"rounds": 2}, {"rounds": 5, "machine_speed": False}):
+        bench = TimedBenchmark()
+        perf.Ledger(bench, "cpu", perf.CpuPeaks(64), profile="small").time(lambda: None, work={}, **kwargs)
+        assert bench.setups == 0 and "machine_speed" not in bench.extra_info
+
+
+def test_the_speed_probe_keeps_the_last_samples() -> None:
+    probe = perf_timing.SpeedProbe("cpu")
+    with pytest.raises(ValueError, match="last=3"):
+        probe.summary(3)
+    for _ in range(3):
+        probe.measure()
+    probe.samples[0] = (1.0, 1.0, 1.0)  # the oldest sample is not among the last two
+    summary = probe.summary(2)
+    assert summary["samples"] == 2 and summary["matmul_flops_per_s"] > 1.0 and summary["host_op_s"] != 1.0
 
 
 # --- the suite's options ------------------------------------------------------------------------------------------

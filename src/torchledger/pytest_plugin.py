@@ -476,7 +476,8 @@ class Ledger:
     def time(self, fn: Callable[[], object], *, rounds: int, work: dict[str, Any], warmup: int = 1,
              flops: int | None = None, bytes_moved: int | None = None, samples: int | None = None,
              batches: int | None = None, link: str = "memory", mfu_dtype: str = "fp32", events: bool = True,
-             cuda_events: bool = True, **info: Any) -> float | None:
+             cuda_events: bool = True, refill: Callable[[], object] | None = None, machine_speed: bool = True,
+             **info: Any) -> float | None:
         """Benchmark ``fn``; returns the median seconds per call (None when benchmarking is disabled).
 
         ``work`` names the size of the work (the profile is added); ``flops``, ``bytes_moved`` (against the
@@ -484,7 +485,11 @@ class Ledger:
         figure, the first of them given. On CUDA the median of CUDA-event timings is recorded too, unless
         ``events=False`` (host-bound work such as a DataLoader epoch, where the stream is idle most of the time)
         or ``cuda_events=False`` (sustained rounds kept, the second timing skipped: the many short calibration
-        benchmarks), with the GPU's clocks, power and temperature during the timed rounds (``gpu_state``)."""
+        benchmarks), with the GPU's clocks, power and temperature during the timed rounds (``gpu_state``). On the
+        CPU the machine's speed is probed before every round (:meth:`probes_speed`), then ``refill`` (default:
+        ``fn``) is called once, untimed, to bring back into the caches what the probe displaced;
+        ``machine_speed=False`` leaves the probe out (work that keeps each of its calls' figures, and measures its
+        own ceilings in the same rounds)."""
         import torch
 
         from torchledger.measuring.gpu_state import GpuStateSampler, cuda_uuid
@@ -492,17 +497,22 @@ class Ledger:
         iterations = self.iterations(fn, events)
         sampler = GpuStateSampler(torch.device(self.device).index or 0, uuid=cuda_uuid(self.device)) \
             if self.cuda and not self.benchmark.disabled else None
+        probe = speed_probe() if machine_speed and self.probes_speed(rounds, iterations) else None
+        setup: Callable[[], object] | None = self.flush
+        if probe is not None:
+            setup = partial(_probe_then_refill, probe, refill or fn)
         if sampler is not None:
             sampler.start()
         try:
-            self.benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=iterations,
-                                    setup=self.flush)
+            self.benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=iterations, setup=setup)
         finally:
             state = sampler.stop() if sampler is not None else None
         extra: dict[str, Any] = {"device": self.name, "l2_flushed": self.flush is not None, "timing": self.timing,
                                  "iterations": iterations, **info}
         if state is not None:
             extra["gpu_state"] = state
+        if probe is not None:
+            extra["machine_speed"] = probe.summary(rounds)
         seconds = None
         if not self.benchmark.disabled:
             seconds = self.benchmark.stats.stats.median
@@ -526,6 +536,14 @@ class Ledger:
                                                                                                  link))
         self.benchmark.extra_info.update(extra)
         return seconds
+
+    def probes_speed(self, rounds: int, iterations: int) -> bool:
+        """Whether a benchmark records the machine's speed (``machine_speed``, see
+        :class:`~torchledger.measuring.timing.SpeedProbe`): on the CPU, where the speed drifts and no clock is read,
+        for work timed one call a round over at least 3 rounds (not an epoch or a sweep timed once). On CUDA the
+        GPU's clocks are recorded instead (``gpu_state``)."""
+        return not self.cuda and not self.benchmark.disabled and iterations == 1 and rounds >= 3 \
+            and self.flush is None
 
     def _ceiling(self, name: str, dtype: str, link: str) -> float | None:
         if name == "tflops":
@@ -557,6 +575,23 @@ class Ledger:
 
     def record(self, **info: Any) -> None:
         self.benchmark.extra_info.update(info)
+
+
+_PROBE: list[Any] = []
+
+
+def _probe_then_refill(probe: Any, refill: Callable[[], object]) -> None:
+    """Between two rounds: the machine's speed now, then the work once more to refill the caches."""
+    probe.measure()
+    refill()
+
+
+def speed_probe() -> Any:
+    """The session's :class:`~torchledger.measuring.timing.SpeedProbe` on the CPU, made on first use."""
+    if not _PROBE:
+        from torchledger.measuring.timing import SpeedProbe
+        _PROBE.append(SpeedProbe("cpu"))
+    return _PROBE[0]
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,13 @@ The ceilings come from a :class:`Calibration`, each measured where the run has i
   transcendental functions per element take longer than their bytes (GELU's backward, erf and exp: twice);
 - the host's cost per op, per phase (:attr:`Calibration.host_s`), else a documented per-launch figure.
 
+A shared CPU does not run at one speed: on the 2-core EPYC a fixed matmul, a copy and a one-element op all ran at
+half speed together for seconds at a time (a 256 x 512 x 512 matmul 200 then 80 GFLOP/s, a 16 MiB copy 95 then
+37 GB/s, an op's host cost 1.0 then 1.9 us), whatever takes the other half of the physical cores. A ceiling
+measured in a fast phase then predicts a step timed in a slow one too fast. Every CPU figure the suite times carries
+the :class:`MachineSpeed` measured by a fixed probe in the same rounds, and :meth:`MachineSpeed.scale` carries a
+ceiling from the speed it was measured at to the speed of the step it predicts.
+
 Where no run exists, :func:`datasheet_calibration` takes the hardware table's peaks scaled by
 :data:`DATASHEET_EFFICIENCY`.
 
@@ -57,7 +64,7 @@ from .vocabulary import OPTIMIZER_IMPLS, OPTIMIZERS, STEP_CHECKPOINTING, checkpo
 
 __all__ = [
     "BOUNDS", "DATASHEET_EFFICIENCY", "KERNELS", "LAUNCH_OVERHEAD_S", "LAYOUTS", "PHASES", "Calibration", "KernelPoint",
-    "MatmulPoint", "Op",
+    "MachineSpeed", "MatmulPoint", "Op",
     "PhaseTime", "StepTime", "datasheet_calibration", "mlp_step_ops", "op_seconds", "optimizer_ops", "step_time",
     "transformer_step_ops",
 ]
@@ -123,6 +130,62 @@ class KernelPoint:
         positive_number("per_s", self.per_s)
 
 
+@dataclass(frozen=True)
+class MachineSpeed:
+    """How fast a machine ran while one figure was measured, by a fixed probe timed in the same rounds
+    (:class:`torchledger.measuring.timing.SpeedProbe`): ``matmul_flops_per_s`` of a fixed fp32 matmul,
+    ``copy_bytes_per_s`` of a fixed copy (read plus written), ``host_op_s`` the seconds of one fixed one-element op.
+
+    Three probes, one per kind of ceiling a calibration holds, each scaling the ceilings of its kind: the matmul
+    probe the matmul and kernel rates (both are the cores' arithmetic), the copy probe the two bandwidths, the host
+    probe the host's cost per op."""
+
+    matmul_flops_per_s: float
+    copy_bytes_per_s: float
+    host_op_s: float
+
+    def __post_init__(self) -> None:
+        positive_number("matmul_flops_per_s", self.matmul_flops_per_s)
+        positive_number("copy_bytes_per_s", self.copy_bytes_per_s)
+        positive_number("host_op_s", self.host_op_s)
+
+    @classmethod
+    def from_record(cls, raw: Any) -> MachineSpeed | None:
+        """The speed a benchmark recorded (its ``extra_info["machine_speed"]``); None where it recorded none or
+        an unusable one (an older run)."""
+        if not isinstance(raw, dict):
+            return None
+        try:
+            return cls(raw["matmul_flops_per_s"], raw["copy_bytes_per_s"], raw["host_op_s"])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    @staticmethod
+    def median(speeds: list[MachineSpeed]) -> MachineSpeed:
+        """Each probe's median over ``speeds`` (a run's typical speed)."""
+        if not speeds:
+            raise ValueError("speeds must hold at least one MachineSpeed")
+
+        def mid(values: list[float]) -> float:
+            values = sorted(values)
+            half = len(values) // 2
+            return values[half] if len(values) % 2 else (values[half - 1] + values[half]) / 2
+        return MachineSpeed(mid([s.matmul_flops_per_s for s in speeds]), mid([s.copy_bytes_per_s for s in speeds]),
+                            mid([s.host_op_s for s in speeds]))
+
+    def scale(self, kind: str, value: float, to: MachineSpeed) -> float:
+        """``value``, measured at this speed, at the speed ``to``: a rate of ``kind`` ``"compute"`` (FLOP/s, units/s)
+        or ``"memory"`` (bytes/s) in proportion to its probe's rate; ``"host"`` seconds in proportion to the host
+        probe's seconds."""
+        if kind == "compute":
+            return value * to.matmul_flops_per_s / self.matmul_flops_per_s
+        if kind == "memory":
+            return value * to.copy_bytes_per_s / self.copy_bytes_per_s
+        if kind == "host":
+            return value * to.host_op_s / self.host_op_s
+        raise ValueError(f"kind must be one of 'compute', 'memory', 'host', got {kind!r}")
+
+
 # Operand layouts of a matmul, as BLAS names them for row-major C = A B: ``nn`` both stored as used; ``nt`` B stored
 # transposed (a Linear's forward, x W^T, reads the (n, k) weight); ``tn`` A stored transposed (a Linear's weight
 # gradient, dY^T X). A library picks a different kernel for each, at a different rate.
@@ -152,7 +215,8 @@ class Calibration:
     """The achievable ceilings of one machine: matmul FLOP/s by peak dtype at measured shapes, bandwidth (bytes/s,
     read plus written, of a copy into another buffer; ``update_bandwidth``: of an update in place, where measured),
     the per-launch overhead in seconds (``launch_s``; ``host_s``: measured per phase, which wins where given), the
-    measured rates of named kernels (``kernels``), and where they came from."""
+    measured rates of named kernels (``kernels``), the machine speed its measured ceilings were carried to
+    (``speed``, where they recorded one), and where they came from."""
 
     device: str
     matmul: dict[str, tuple[MatmulPoint, ...]]
@@ -164,6 +228,7 @@ class Calibration:
     host_s: dict[str, float] = field(default_factory=dict)
     kernels: tuple[KernelPoint, ...] = ()
     update_bandwidth: float | None = None
+    speed: MachineSpeed | None = None
 
     def __post_init__(self) -> None:
         positive_number("bandwidth", self.bandwidth)

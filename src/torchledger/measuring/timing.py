@@ -145,3 +145,57 @@ def wall_times(fn: Callable[[], object], *, rounds: int = 5, warmup: int = 1, de
 
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
+
+
+class SpeedProbe:
+    """How fast the machine runs right now: a fixed fp32 matmul (256 x 512 x 512), a fixed copy (16 MiB into
+    another buffer) and a fixed run of one-element adds (100), each timed once per :meth:`measure`.
+
+    A shared CPU changes speed for seconds at a time (:class:`torchledger.formulas.steptime.MachineSpeed`); a figure
+    timed with the probe in the same rounds says at which speed it was measured. Each probe is small (about 1 ms
+    together on a 2-core EPYC) and its tensors are made once. The copy displaces caches: a benchmark that probes
+    between rounds calls its work once more, untimed, before the next round (:meth:`Ledger.time
+    <torchledger.pytest_plugin.Ledger.time>`)."""
+
+    MATMUL = (256, 512, 512)
+    COPY_BYTES = 16 * 2**20
+    HOST_OPS = 100
+
+    def __init__(self, device: str = "cpu") -> None:
+        m, k, n = self.MATMUL
+        gen = torch.Generator().manual_seed(0)
+        self.device = device
+        self.a = torch.randn(m, k, generator=gen).to(device)
+        self.b = torch.randn(k, n, generator=gen).to(device)
+        self.src = torch.ones(self.COPY_BYTES // 4, device=device)
+        self.dst = torch.empty_like(self.src)
+        self.one, self.out = torch.ones(1, device=device), torch.empty(1, device=device)
+        self.samples: list[tuple[float, float, float]] = []
+
+    def _seconds(self, fn: Callable[[], object]) -> float:
+        sync = torch.cuda.synchronize if self.device.startswith("cuda") else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - start
+
+    def _adds(self) -> None:
+        for _ in range(self.HOST_OPS):
+            torch.add(self.one, self.one, out=self.out)
+
+    def measure(self) -> None:
+        """Time each probe once and keep the sample."""
+        m, k, n = self.MATMUL
+        matmul = self._seconds(lambda: torch.mm(self.a, self.b))
+        copy = self._seconds(lambda: self.dst.copy_(self.src))
+        host = self._seconds(self._adds)
+        self.samples.append((2 * m * k * n / matmul, 2 * self.COPY_BYTES / copy, host / self.HOST_OPS))
+
+    def summary(self, last: int) -> dict[str, float | int]:
+        """Each probe's median over the ``last`` samples, as a benchmark records it (``machine_speed``)."""
+        kept = self.samples[-last:] if last > 0 else []
+        if not kept:
+            raise ValueError(f"last={last!r}: the probe holds {len(self.samples)} samples, needs at least 1")
+        return {"matmul_flops_per_s": median([s[0] for s in kept]), "copy_bytes_per_s": median([s[1] for s in kept]),
+                "host_op_s": median([s[2] for s in kept]), "samples": len(kept)}

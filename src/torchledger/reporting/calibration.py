@@ -28,6 +28,13 @@ are read, never a timed training step:
   of a step's op, not that cost. The calibration's ``source`` says which figure was used.
 
 The datasheet peaks (for MFU) come from the hardware table when the run names a GPU of it.
+
+**The machine's speed.** A CPU figure timed with the speed probe in its rounds (``machine_speed``, see
+:class:`~torchledger.formulas.steptime.MachineSpeed`) is carried to one speed before it is averaged or used: to the
+speed ``at`` (a timed step's own ``machine_speed``, when the calibration predicts that step), else to the median
+speed of the run's ceilings. A rate scales with its probe's rate (matmuls and kernels with the matmul probe, the
+bandwidths with the copy probe), the host's cost per op with the host probe's seconds. Figures of older runs, which
+recorded no speed, are taken as measured.
 """
 
 from __future__ import annotations
@@ -37,7 +44,14 @@ from pathlib import Path
 from typing import Any
 
 from torchledger.formulas.hardware import lookup_device, peak_dtype
-from torchledger.formulas.steptime import LAUNCH_OVERHEAD_S, LAYOUTS, Calibration, KernelPoint, MatmulPoint
+from torchledger.formulas.steptime import (
+    LAUNCH_OVERHEAD_S,
+    LAYOUTS,
+    Calibration,
+    KernelPoint,
+    MachineSpeed,
+    MatmulPoint,
+)
 from torchledger.reporting.results import Result, Run, finite, newest_results, read_runs
 
 __all__ = ["HOST_PHASES", "calibration_from_run", "read_calibration"]
@@ -65,9 +79,29 @@ def _shape(extra: dict[str, Any]) -> tuple[int, int, int] | None:
     return (edge, edge, edge) if 2 * edge**3 == flops else None
 
 
-def calibration_from_run(run: Run) -> Calibration:
-    """The calibration of one run (see the module docstring); ValueError naming the run when it measured no
-    matmul or no copy bandwidth."""
+def _speed_reference(run: Run, at: MachineSpeed | None) -> MachineSpeed | None:
+    """The speed the run's ceilings are carried to: ``at``, else the median of the speeds its ceilings recorded."""
+    if at is not None:
+        return at
+    speeds = [speed for result in run.results.values() if result.group in ("roofline", "precision")
+              and (speed := MachineSpeed.from_record(result.extra_info.get("machine_speed"))) is not None]
+    return MachineSpeed.median(speeds) if speeds else None
+
+
+def calibration_from_run(run: Run, at: MachineSpeed | None = None) -> Calibration:
+    """The calibration of one run (see the module docstring), its ceilings carried to the machine speed ``at``
+    (default: the median speed of the run's ceilings); ValueError naming the run when it measured no matmul or no
+    copy bandwidth."""
+    reference = _speed_reference(run, at)
+    carried: set[int] = set()  # the results whose figures were carried
+
+    def scaled(kind: str, value: float, extra: dict[str, Any]) -> float:
+        speed = MachineSpeed.from_record(extra.get("machine_speed"))
+        if speed is None or reference is None:
+            return value
+        carried.add(id(extra))
+        return speed.scale(kind, value, reference)
+
     info = run.machine_info.get("torchledger") or {}
     gpus = info.get("gpus") or []
     gpu_name = gpus[0].get("name") if gpus and isinstance(gpus[0], dict) else None
@@ -83,24 +117,24 @@ def calibration_from_run(run: Run) -> Calibration:
             kernel, dtype, units = extra.get("kernel"), extra.get("dtype"), extra.get("units")
             if isinstance(kernel, str) and isinstance(dtype, str) and isinstance(units, int) and units > 0 \
                     and result.median > 0:
-                kernels.setdefault((kernel, dtype, units), []).append(units / result.median)
+                kernels.setdefault((kernel, dtype, units), []).append(scaled("compute", units / result.median, extra))
         elif result.group == "roofline" and name == "test_host_overhead":
             figures = extra.get("host_overhead_s")
             for phase, value in (figures.items() if isinstance(figures, dict) else ()):
                 seconds = finite(value)
                 if phase in HOST_PHASES and seconds is not None and seconds > 0:
-                    host.setdefault(phase, []).append(seconds)
+                    host.setdefault(phase, []).append(scaled("host", seconds, extra))
         elif result.group == "roofline" and name == "test_update_bandwidth":
             work = extra.get("work")
             updated = finite(work.get("bytes")) if isinstance(work, dict) else None
             if updated and updated > 0 and result.median > 0:
-                updates.append(2 * updated / result.median)  # read and written back
+                updates.append(scaled("memory", 2 * updated / result.median, extra))  # read and written back
         elif result.group == "roofline" and name == "test_copy_bandwidth":
             work = extra.get("work")
             copied = finite(work.get("bytes")) if isinstance(work, dict) else None
             moved = finite(extra.get("bytes_moved")) or (2 * copied if copied else None)  # read and written
             if moved and moved > 0:
-                bandwidths.append(moved / result.median)
+                bandwidths.append(scaled("memory", moved / result.median, extra))
         elif result.group in ("roofline", "precision") and name in _MATMUL_TESTS:
             shape, flops, dtype = _shape(extra), finite(extra.get("flops")), extra.get("dtype")
             if shape is None or not flops or not isinstance(dtype, str):
@@ -112,7 +146,7 @@ def calibration_from_run(run: Run) -> Calibration:
             layout = extra.get("layout", "nn")  # recorded since the shapes run in the step's layouts
             if layout not in LAYOUTS:
                 continue
-            samples.setdefault((key, shape, layout), []).append(flops / result.median)
+            samples.setdefault((key, shape, layout), []).append(scaled("compute", flops / result.median, extra))
     if not samples:
         raise ValueError(f"{run.path}: no matmul of the roofline or precision group to calibrate from")
     if not bandwidths:
@@ -144,19 +178,26 @@ def calibration_from_run(run: Run) -> Calibration:
         except ValueError:  # a kernel or dtype this version does not model
             continue
     kernel_note = f"; {len(points)} kernel rates measured (test_kernel_rate)" if points else ""
+    if carried and reference is not None:
+        to = "of the step" if at else "median"
+        kernel_note += (f"; {len(carried)} results' ceilings carried to the machine speed {to} "
+                        f"(matmul probe {reference.matmul_flops_per_s / 1e9:.4g} GFLOP/s, copy probe "
+                        f"{reference.copy_bytes_per_s / 1e9:.4g} GB/s, host probe {reference.host_op_s * 1e6:.3g} us)")
     return Calibration(device=gpu_name or str(info.get("cpu_model") or run.machine),
                        matmul={k: tuple(v) for k, v in matmul.items()},
                        bandwidth=sum(bandwidths) / len(bandwidths), launch_s=launch_s, kind=kind,
                        peaks=peaks, host_s=host_s, kernels=tuple(points),
                        update_bandwidth=sum(updates) / len(updates) if updates else None,
+                       speed=reference if carried else None,
                        source=f"the {run.machine} run of commit {run.commit or 'unknown'}, {run.datetime[:10]}; "
                               f"{launch_note}{kernel_note}")
 
 
-def read_calibration(path: str | Path) -> Calibration:
+def read_calibration(path: str | Path, at: MachineSpeed | None = None) -> Calibration:
     """The calibration of the machine whose runs lie under ``path`` (a machine folder such as
     ``results/cuda-nvidia-h200``, or one run file): its newest run, merged with the earlier runs of the same
-    commit. ValueError when ``path`` holds no run, or runs of more than one machine."""
+    commit, its ceilings carried to the machine speed ``at`` where given. ValueError when ``path`` holds no run, or
+    runs of more than one machine."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         found = read_runs([path])
@@ -166,4 +207,4 @@ def read_calibration(path: str | Path) -> Calibration:
         raise ValueError(f"calibration={str(path)!r} holds runs of {len(found.by_machine)} machines "
                          f"({', '.join(sorted(found.by_machine))}): name one machine's folder")
     (history,) = found.by_machine.values()
-    return calibration_from_run(newest_results(history))
+    return calibration_from_run(newest_results(history), at)
