@@ -50,6 +50,7 @@ def predicted_step_s(ledger: Any, case: Any) -> float | None:
         return None
     else:
         spec = case.spec or get_preset(case.workload)
+        cal = cal.for_model(spec.name, c.precision)
         ops = transformer_step_ops(spec, case.batch, case.seq_len, precision=c.precision, optimizer=c.optimizer,
                                    optimizer_impl=c.optimizer_impl, checkpointing=c.checkpointing,
                                    grad_accum=c.grad_accum, device=kind)

@@ -11,6 +11,15 @@ that cost (the calibration does not charge it).
 ``test_host_overhead``: the host's cost per op inside a training step, per phase, on a step whose arithmetic is
 negligible (see :data:`HOST_STACKS`): ``host_overhead_s`` (seconds per launch as the step-time model counts the
 launches of that step, by phase), with the dispatched kernels and views, module calls and autograd nodes beside it.
+
+``test_model_host_cost``: the same figure on the profile's own models, whose forward runs more Python per op than a
+stack of Linear layers (the attention's reshapes and transposes, the loss, the embeddings): each model's training
+step at the size where its arithmetic nearly vanishes (batch 1, one token), each phase timed
+(:meth:`~torchledger.workloads.train_step.TrainStep.step`'s ``mark``). ``phase_median_s`` is recorded with the size;
+the calibration takes the device time the model predicts for that size off each phase and divides the rest by the
+phase's launches (:func:`torchledger.reporting.calibration.calibration_from_run`). On the 2-core EPYC gpt-tiny's
+forward took 0.73 ms at one token, 27 launches: 27 us a launch, against 7 us on the Linear stack. 16-mixed is left
+out: on a CPU without fast fp16 GEMMs its one-token matmuls are not negligible (0.4 GFLOP/s in ``nn``).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -26,6 +36,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.performance.conftest import Ledger
+from benchmarks.performance.test_precision import _step_case
 from torchledger.formulas.specs import MLPSpec
 from torchledger.formulas.steptime import mlp_step_ops
 from torchledger.reporting.calibration import HOST_PHASES  # the phases the calibration reads back
@@ -215,3 +226,43 @@ def test_host_overhead(ledger: Ledger, sizes: dict[str, Any], stack: str) -> Non
         info["model_launches"] = launches
         info["host_overhead_s"] = None if seconds is None else {p: median[p] / launches[p] for p in HOST_PHASES}
     ledger.record(**info)
+
+
+# The models and recipes whose host cost per op the calibration reads: the profile's transformer in the precision
+# group's recipes, 16-mixed aside. The MLP is a stack of Linear and ReLU layers, the host stack itself; at batch 1 its
+# phases are device time (its forward reads 25 MB of weights in 6 launches: 2.2 ms), so the rest would be a small
+# difference of large figures.
+MODEL_HOST_STEPS = (("gpt", "32-true"), ("gpt", "bf16-mixed"))
+
+
+@pytest.mark.benchmark(group="roofline")
+@pytest.mark.parametrize(("workload", "recipe"), MODEL_HOST_STEPS, ids=[f"{w}-{r}" for w, r in MODEL_HOST_STEPS])
+def test_model_host_cost(ledger: Ledger, sizes: dict[str, Any], workload: str, recipe: str) -> None:
+    """A training step of the profile's ``workload`` at batch 1 (one token for the transformer), each phase timed
+    inside every call: its median over the rounds is ``phase_median_s``."""
+    case = _step_case(workload, {**sizes, "mlp_batch": 1, "gpt_batch": 1, "gpt_seq": 1}, recipe)
+    _, step, batches = case.build(ledger.device)
+    marks: list[tuple[str, float]] = []
+    phases: dict[str, list[float]] = {p: [] for p in HOST_PHASES}
+
+    def mark(phase: str) -> None:
+        ledger.sync()
+        marks.append((phase, time.perf_counter()))
+
+    def run() -> None:
+        marks.clear()
+        step.step(batches, mark)
+        for (phase, start), (_, end) in pairwise(marks):  # the last mark ends the step
+            phases[phase].append(end - start)
+
+    def refill() -> None:  # after the speed probe: a step whose phase times are not kept
+        step.step(batches)
+
+    for _ in range(3):  # the optimizer's state; the first calls
+        step.step(batches)
+    rounds = max(sizes["rounds"], 30)  # a few ms per step: 30 rounds for a median on a shared machine
+    seconds = ledger.time(run, rounds=rounds, warmup=2, batches=1, events=False, refill=refill,
+                          work={"workload": workload, "recipe": recipe, "batch": case.batch, "seq_len": case.seq_len})
+    ledger.record(workload=workload, recipe=recipe, model=case.workload, batch=case.batch, seq_len=case.seq_len,
+                  phase_median_s=None if seconds is None else {
+                      p: statistics.median(v[-rounds:]) for p, v in phases.items()})

@@ -192,8 +192,12 @@ def _measured(path: Path, name: str) -> float:
     return float(_result(path, name).median)
 
 
-def _predict(path: Path, case: dict[str, Any]) -> float:
-    cal = read_calibration(path)
+def _predict(path: Path, case: dict[str, Any], at: MachineSpeed | None = None) -> float:
+    """The step of ``case`` predicted from the run's calibration, at the machine speed ``at`` where given, with the
+    host's cost per op measured on the case's model where the run has it."""
+    cal = read_calibration(path, at=at)
+    if case["workload"] != "mlp":
+        cal = cal.for_model(case["model"], case["recipe"])
     if case["workload"] == "mlp":
         ops = mlp_step_ops(MLPSpec(case["dims"]), case["batch"], precision=case["recipe"], device=cal.kind)
     else:

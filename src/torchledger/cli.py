@@ -503,7 +503,7 @@ def _with_time(e: Estimate, gpu: str | None, path: str | None) -> Estimate:
         print(f"torchledger estimate: warning: no step time: {cal.device} has no {dtype} matmul path "
               f"(--precision {e.precision})", file=sys.stderr)
         return e
-    return replace(e, time=estimate_time(e, cal))
+    return replace(e, time=estimate_time(e, cal.for_model(e.spec.name, e.precision)))
 
 
 def _time_rows(e: Estimate) -> list[tuple[str, str]]:

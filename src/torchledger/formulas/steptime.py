@@ -51,7 +51,7 @@ recipe's compute dtype.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from typing import Any
 
@@ -216,7 +216,8 @@ class Calibration:
     read plus written, of a copy into another buffer; ``update_bandwidth``: of an update in place, where measured),
     the per-launch overhead in seconds (``launch_s``; ``host_s``: measured per phase, which wins where given), the
     measured rates of named kernels (``kernels``), the machine speed its measured ceilings were carried to
-    (``speed``, where they recorded one), and where they came from."""
+    (``speed``, where they recorded one), the host's cost per op measured on a model's own code by (model, recipe)
+    (``model_host_s``, which :meth:`for_model` puts in place of ``host_s``), and where they came from."""
 
     device: str
     matmul: dict[str, tuple[MatmulPoint, ...]]
@@ -229,6 +230,7 @@ class Calibration:
     kernels: tuple[KernelPoint, ...] = ()
     update_bandwidth: float | None = None
     speed: MachineSpeed | None = None
+    model_host_s: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         positive_number("bandwidth", self.bandwidth)
@@ -236,10 +238,12 @@ class Calibration:
             positive_number("update_bandwidth", self.update_bandwidth)
         if not (isinstance(self.launch_s, (int, float)) and self.launch_s >= 0):
             raise ValueError(f"launch_s={self.launch_s!r} must be a number >= 0")
-        for phase, seconds in self.host_s.items():
-            one_of("host_s", phase, _LAUNCH_PHASES)
-            if not (isinstance(seconds, (int, float)) and seconds >= 0):
-                raise ValueError(f"host_s[{phase!r}]={seconds!r} must be a number >= 0")
+        for name, host in (("host_s", self.host_s), *((f"model_host_s[{key!r}]", v)
+                                                       for key, v in self.model_host_s.items())):
+            for phase, seconds in host.items():
+                one_of(name, phase, _LAUNCH_PHASES)
+                if not (isinstance(seconds, (int, float)) and seconds >= 0):
+                    raise ValueError(f"{name}[{phase!r}]={seconds!r} must be a number >= 0")
         one_of("kind", self.kind, ("cuda", "cpu"))
         for dtype, points in self.matmul.items():
             if not points:
@@ -281,6 +285,15 @@ class Calibration:
             return None
         ordered = [(math.log(u), sum(r) / len(r)) for u, r in sorted(by_units.items())]
         return _interpolate(ordered, math.log(max(1, units)))
+
+    def for_model(self, model: str, recipe: str) -> Calibration:
+        """This calibration with the host's cost per op measured on ``model`` in ``recipe`` where it has it
+        (``model_host_s``); else itself."""
+        host = self.model_host_s.get((model, recipe))
+        if host is None:
+            return self
+        return replace(self, host_s=dict(host), source=f"{self.source}; host cost per op of {model} {recipe}: "
+                       + ", ".join(f"{p} {v * 1e6:.3g} us" for p, v in host.items()))
 
     def per_launch(self, phase: str) -> float:
         """Seconds charged per launch of an op of ``phase``: the measured host cost per op of that phase, else

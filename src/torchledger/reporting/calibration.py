@@ -40,10 +40,12 @@ recorded no speed, are taken as measured.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from torchledger.formulas.hardware import lookup_device, peak_dtype
+from torchledger.formulas.specs import get_preset
 from torchledger.formulas.steptime import (
     LAUNCH_OVERHEAD_S,
     LAYOUTS,
@@ -51,6 +53,8 @@ from torchledger.formulas.steptime import (
     KernelPoint,
     MachineSpeed,
     MatmulPoint,
+    op_seconds,
+    transformer_step_ops,
 )
 from torchledger.reporting.results import Result, Run, finite, newest_results, read_runs
 
@@ -111,6 +115,7 @@ def calibration_from_run(run: Run, at: MachineSpeed | None = None) -> Calibratio
     host: dict[str, list[float]] = {}
     kernels: dict[tuple[str, str, int], list[float]] = {}
     updates: list[float] = []
+    model_floors: dict[tuple[str, str], tuple[int, int, dict[str, float]]] = {}
     for result in run.results.values():
         name, extra = _test_name(result), result.extra_info
         if result.group == "roofline" and name == "test_kernel_rate":
@@ -124,6 +129,15 @@ def calibration_from_run(run: Run, at: MachineSpeed | None = None) -> Calibratio
                 seconds = finite(value)
                 if phase in HOST_PHASES and seconds is not None and seconds > 0:
                     host.setdefault(phase, []).append(scaled("host", seconds, extra))
+        elif result.group == "roofline" and name == "test_model_host_cost":
+            figures, model, recipe = extra.get("phase_median_s"), extra.get("model"), extra.get("recipe")
+            batch, seq_len = extra.get("batch"), extra.get("seq_len")
+            if isinstance(figures, dict) and isinstance(model, str) and isinstance(recipe, str) \
+                    and isinstance(batch, int) and isinstance(seq_len, int) and batch > 0 and seq_len > 0:
+                phases = {p: scaled("host", v, extra) for p, value in figures.items()
+                          if p in HOST_PHASES and (v := finite(value)) is not None and v > 0}
+                if phases:
+                    model_floors[(model, recipe)] = (batch, seq_len, phases)
         elif result.group == "roofline" and name == "test_update_bandwidth":
             work = extra.get("work")
             updated = finite(work.get("bytes")) if isinstance(work, dict) else None
@@ -178,12 +192,14 @@ def calibration_from_run(run: Run, at: MachineSpeed | None = None) -> Calibratio
         except ValueError:  # a kernel or dtype this version does not model
             continue
     kernel_note = f"; {len(points)} kernel rates measured (test_kernel_rate)" if points else ""
+    if model_floors:
+        kernel_note += f"; host cost per op of {len(model_floors)} models measured (test_model_host_cost)"
     if carried and reference is not None:
         to = "of the step" if at else "median"
         kernel_note += (f"; {len(carried)} results' ceilings carried to the machine speed {to} "
                         f"(matmul probe {reference.matmul_flops_per_s / 1e9:.4g} GFLOP/s, copy probe "
                         f"{reference.copy_bytes_per_s / 1e9:.4g} GB/s, host probe {reference.host_op_s * 1e6:.3g} us)")
-    return Calibration(device=gpu_name or str(info.get("cpu_model") or run.machine),
+    cal = Calibration(device=gpu_name or str(info.get("cpu_model") or run.machine),
                        matmul={k: tuple(v) for k, v in matmul.items()},
                        bandwidth=sum(bandwidths) / len(bandwidths), launch_s=launch_s, kind=kind,
                        peaks=peaks, host_s=host_s, kernels=tuple(points),
@@ -191,6 +207,27 @@ def calibration_from_run(run: Run, at: MachineSpeed | None = None) -> Calibratio
                        speed=reference if carried else None,
                        source=f"the {run.machine} run of commit {run.commit or 'unknown'}, {run.datetime[:10]}; "
                               f"{launch_note}{kernel_note}")
+    if not model_floors:
+        return cal
+    return replace(cal, model_host_s={key: _model_host_s(cal, key, floor) for key, floor in model_floors.items()})
+
+
+def _model_host_s(cal: Calibration, key: tuple[str, str], floor: tuple[int, int, dict[str, float]]
+                  ) -> dict[str, float]:
+    """The host's seconds per op of each phase of a model's step: the phase's measured seconds at the floor size
+    (batch, sequence length) less the device time the calibration predicts for that phase's ops there (their
+    compute or memory time, no launches), over the phase's launches; at least 0."""
+    (model, recipe), (batch, seq_len, seconds) = key, floor
+    ops = transformer_step_ops(get_preset(model), batch, seq_len, precision=recipe, device=cal.kind)
+    out: dict[str, float] = {}
+    for phase, measured in seconds.items():
+        mine = [op for op in ops if op.phase == phase]
+        launches = sum(op.launches * op.count for op in mine)
+        if not launches:
+            continue
+        device = sum(op.count * max(op_seconds(op, cal)[:2]) for op in mine)
+        out[phase] = max(0.0, measured - device) / launches
+    return out
 
 
 def read_calibration(path: str | Path, at: MachineSpeed | None = None) -> Calibration:

@@ -89,20 +89,28 @@ class TrainStep:
         if config.precision == "16-mixed":
             self.scaler = torch.amp.GradScaler(self.device_type)
 
-    def step(self, micro_batches: Sequence[tuple[Tensor, ...]]) -> None:
-        """One optimizer step over ``grad_accum`` micro-batches."""
+    def step(self, micro_batches: Sequence[tuple[Tensor, ...]], mark: Callable[[str], None] | None = None) -> None:
+        """One optimizer step over ``grad_accum`` micro-batches. ``mark``, where given, is called with the name of
+        each phase as it begins (``forward``, ``backward``, once per micro-batch; ``optimizer``) and with ``end``
+        after the last: a caller times the phases by it."""
         if len(micro_batches) != self.config.grad_accum:
             raise ValueError(f"got {len(micro_batches)} micro-batches for grad_accum={self.config.grad_accum}")
         autocast_dtype = compute_dtype(self.config.precision)
         for batch in micro_batches:
+            if mark is not None:
+                mark("forward")
             with torch.autocast(self.device_type, dtype=autocast_dtype, enabled=self.recipe.autocast):
                 output, loss = self.loss_fn(self.model, batch)
                 loss = loss / self.config.grad_accum
+            if mark is not None:
+                mark("backward")
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
             else:
                 loss.backward()
             del output, loss
+        if mark is not None:
+            mark("optimizer")
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.config.clip_grad_norm is not None:
@@ -113,6 +121,8 @@ class TrainStep:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if mark is not None:
+            mark("end")
 
 
 def lm_loss(model: nn.Module, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
