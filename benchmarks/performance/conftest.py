@@ -9,7 +9,10 @@ compares across machines), comes from :mod:`torchledger.pytest_plugin`; here eve
 from __future__ import annotations
 
 import gc
+import statistics
+import time
 from collections.abc import Callable, Generator, Iterable
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -78,6 +81,44 @@ def _work_is_recorded(request: pytest.FixtureRequest) -> Generator[None, None, N
 
 
 Ledger = pytest_plugin.Ledger  # the ``ledger`` fixture's class, named here for the benchmarks' annotations
+
+
+class PhaseTimes:
+    """Each phase's seconds in every timed training step, by :meth:`TrainStep.step
+    <torchledger.workloads.train_step.TrainStep.step>`'s ``mark``: ``step(batches)`` runs one step and keeps its
+    phases (forward and backward summed over the micro-batches); ``untimed(batches)`` one that keeps nothing (the
+    refill after the speed probe). CPU only: on CUDA a phase's end is not known without a synchronize, which would
+    change the step being timed; there :meth:`median` is None."""
+
+    def __init__(self, train_step: Any, device: str) -> None:
+        self.train_step, self.cpu = train_step, not device.startswith("cuda")
+        self.calls: list[dict[str, float]] = []
+        self._marks: list[tuple[str, float]] = []
+
+    def _mark(self, phase: str) -> None:
+        self._marks.append((phase, time.perf_counter()))
+
+    def step(self, batches: Any) -> None:
+        if not self.cpu:
+            self.train_step.step(batches)
+            return
+        self._marks.clear()
+        self.train_step.step(batches, self._mark)
+        phases: dict[str, float] = {}
+        for (phase, start), (_, end) in pairwise(self._marks):
+            phases[phase] = phases.get(phase, 0.0) + end - start
+        self.calls.append(phases)
+
+    def untimed(self, batches: Any) -> None:
+        self.train_step.step(batches)
+
+    def median(self, rounds: int | None) -> dict[str, float] | None:
+        """Each phase's median over the last ``rounds`` steps (the timed rounds); None on CUDA, when benchmarking is
+        disabled (``rounds`` None) or before any step."""
+        kept = self.calls[-rounds:] if rounds else []
+        if not kept:
+            return None
+        return {phase: statistics.median(c.get(phase, 0.0) for c in kept) for phase in kept[-1]}
 
 
 def memory_base(device: str) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from benchmarks.performance.conftest import Ledger, memory_base, memory_info, peak_memory
+from benchmarks.performance.conftest import Ledger, PhaseTimes, memory_base, memory_info, peak_memory
 from benchmarks.performance.predicted import predicted_step_s
 from torchledger.formulas.activations import activation_bytes
 from torchledger.formulas.specs import get_preset
@@ -55,17 +55,20 @@ def test_same_effective_batch(ledger: Ledger, sizes: dict[str, Any], micro_batch
     assert grad_error < 1e-4, f"accumulated gradients differ from the full batch's by {grad_error:.2e}"
     del whole, split  # two copies of the gradients: not part of the step being measured
 
+    phases = PhaseTimes(step, device)
+
     def run() -> None:
-        step.step(batches)
+        phases.step(batches)
 
     run()
     measured = peak_memory(device, run, model, step.optimizer, base=base, inputs=[idx, targets])
     case = MemoryCase(spec.name, per, config, seq_len=seq)
-    ledger.time(run, rounds=sizes["rounds"], warmup=1, samples=batch,
+    seconds = ledger.time(run, rounds=sizes["rounds"], warmup=1, samples=batch, refill=partial(phases.untimed, batches),
                 work={"model": spec.name, "batch": batch, "seq_len": seq, "micro_batches": micro_batches},
                 recipe="32-true", effective_batch=batch,
                 micro_batches=micro_batches, rel_error=grad_error, predicted_step_s=predicted_step_s(ledger, case),
                 **memory_info(case, measured))
+    ledger.record(phase_median_s=phases.median(None if seconds is None else sizes["rounds"]))
 
 
 @pytest.mark.benchmark(group="checkpointing")
@@ -80,20 +83,23 @@ def test_checkpointing(ledger: Ledger, sizes: dict[str, Any], mode: str) -> None
     step = TrainStep(model, config, lm_loss)
     batches = [token_batch(spec, batch, seq, device=device)]
 
+    phases = PhaseTimes(step, device)
+
     def run() -> None:
-        step.step(batches)
+        phases.step(batches)
 
     run()
     measured = peak_memory(device, run, model, step.optimizer, base=base, inputs=list(batches[0]))
     none = activation_bytes(spec, batch, seq)
     kept = activation_bytes(spec, batch, seq, checkpointing=mode)
-    ledger.time(run, rounds=sizes["rounds"], warmup=1, samples=batch,
+    seconds = ledger.time(run, rounds=sizes["rounds"], warmup=1, samples=batch, refill=partial(phases.untimed, batches),
                 work={"model": spec.name, "batch": batch, "seq_len": seq, "checkpointing": mode},
                 recipe="32-true", checkpointing=mode,
                 checkpointed_blocks=len(checkpointed_blocks(mode, spec.n_layers)),
                 predicted_activation_saving=none.saved - kept.saved,
                 predicted_step_s=predicted_step_s(ledger, MemoryCase(spec.name, batch, config, seq_len=seq)),
                 **memory_info(MemoryCase(spec.name, batch, config, seq_len=seq), measured))
+    ledger.record(phase_median_s=phases.median(None if seconds is None else sizes["rounds"]))
 
 
 def _interleaved(ledger: Ledger, sizes: dict[str, Any], steps: dict[str, Callable[[], None]], first: str,

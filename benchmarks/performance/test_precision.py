@@ -3,12 +3,13 @@ error against a higher-precision reference beside the time."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import pytest
 import torch
 
-from benchmarks.performance.conftest import Ledger, memory_base, memory_info, peak_memory
+from benchmarks.performance.conftest import Ledger, PhaseTimes, memory_base, memory_info, peak_memory
 from benchmarks.performance.predicted import predicted_step_s
 from torchledger.counting.hooks import sdpa_is_fused
 from torchledger.formulas import flops as F
@@ -117,17 +118,21 @@ def test_train_step(ledger: Ledger, sizes: dict[str, Any], workload: str, recipe
         fused = sdpa_is_fused(q, q, q, is_causal=True)  # a fused kernel recomputes QK^T in the backward
         flops = F.model_flops(gpt, case.batch, case.seq_len, recompute_attention_scores=fused).train
 
+    phases = PhaseTimes(step, device)
+
     def run() -> None:
-        step.step(batches)
+        phases.step(batches)
 
     run()  # optimizer state, so the measured peak is the steady state the prediction describes
     measured = peak_memory(device, run, model, step.optimizer, base=base, inputs=[t for b in batches for t in b])
     work = {"model": "mlp", "dims": list(case.mlp.dims), "batch": case.batch} if workload == "mlp" else {
         "model": sizes["gpt"], "batch": case.batch, "seq_len": case.seq_len}
-    ledger.time(run, rounds=sizes["rounds"], warmup=1, flops=flops, work=work,
+    seconds = ledger.time(run, rounds=sizes["rounds"], warmup=1, flops=flops, work=work,
+                          refill=partial(phases.untimed, batches),
                 mfu_dtype="fp32" if recipe == "32-true" else ("fp16" if recipe == "16-mixed" else "bf16"),
                 recipe=recipe, workload=workload, rel_error=rel_error, predicted_step_s=predicted_step_s(ledger, case),
                 **memory_info(case, measured))
+    ledger.record(phase_median_s=phases.median(None if seconds is None else sizes["rounds"]))
 
 
 @pytest.mark.benchmark(group="precision")

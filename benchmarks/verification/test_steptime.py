@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -787,6 +788,36 @@ def test_calibration_carries_every_ceiling_to_one_machine_speed(tmp_path: Path) 
     # what recorded no speed is taken as measured: the run's own copy bandwidth, and a run of none
     assert at_step.bandwidth == pytest.approx(median.bandwidth)
     assert read_calibration(CPU).speed is None
+
+
+def test_calibration_reads_the_host_cost_of_a_model_s_own_step(tmp_path: Path) -> None:
+    # gpt-tiny's step at batch 1 and one token: each phase's seconds are the device time the calibration predicts
+    # for that size plus 25, 20 and 5 us for each of the phase's launches (27, 49 and 224 as the op list counts
+    # them); the calibration recovers the per-launch figures, and for_model puts them in place of host_s
+    base = read_calibration(CPU)
+    ops = transformer_step_ops(get_preset("gpt-tiny"), 1, 1, precision="32-true", device="cpu")
+    per_op = {"forward": 25e-6, "backward": 20e-6, "optimizer": 5e-6}
+    launches = {p: sum(op.launches * op.count for op in ops if op.phase == p) for p in per_op}
+    assert launches == {"forward": 27, "backward": 49, "optimizer": 224}
+    device = {p: sum(op.count * max(op_seconds(op, base)[:2]) for op in ops if op.phase == p) for p in per_op}
+    seconds = {p: device[p] + launches[p] * per_op[p] for p in per_op}
+    floor = {"model": "gpt-tiny", "recipe": "32-true", "batch": 1, "seq_len": 1, "phase_median_s": seconds}
+    path = _with_results(tmp_path, [("test_model_host_cost", floor),
+                                    ("test_model_host_cost", {**floor, "recipe": "bf16-mixed", "batch": 0})])
+    cal = read_calibration(path)
+    assert set(cal.model_host_s) == {("gpt-tiny", "32-true")}  # batch 0 is not a size: left out
+    assert cal.model_host_s[("gpt-tiny", "32-true")] == pytest.approx(per_op)
+    assert "host cost per op of 1 models measured (test_model_host_cost)" in cal.source
+    own = cal.for_model("gpt-tiny", "32-true")
+    assert own.per_launch("forward") == pytest.approx(25e-6) and own.per_launch("recompute") == pytest.approx(25e-6)
+    assert "host cost per op of gpt-tiny 32-true: forward 25 us" in own.source
+    assert cal.for_model("gpt-tiny", "bf16-mixed") is cal and cal.for_model("llama-tiny", "32-true") is cal
+    # a phase faster than its predicted device time is charged no host time, not a negative one
+    fast = _with_results(tmp_path / "fast", [("test_model_host_cost", {**floor, "phase_median_s": {
+        **seconds, "optimizer": device["optimizer"] / 2}})])
+    assert read_calibration(fast).model_host_s[("gpt-tiny", "32-true")]["optimizer"] == 0.0
+    with pytest.raises(ValueError, match=r"model_host_s\[\('gpt-tiny', '32-true'\)\]\['forward'\]=-1"):
+        replace(cal, model_host_s={("gpt-tiny", "32-true"): {"forward": -1}})
 
 
 @pytest.mark.parametrize("profile", ["small", "full"])

@@ -348,6 +348,36 @@ def test_the_speed_probe_keeps_the_last_samples() -> None:
     assert summary["samples"] == 2 and summary["matmul_flops_per_s"] > 1.0 and summary["host_op_s"] != 1.0
 
 
+def test_phase_times_sum_each_phase_over_the_micro_batches() -> None:
+    from torchledger.formulas.specs import MLPSpec
+    from torchledger.workloads.models import MLP
+    from torchledger.workloads.train_step import TrainConfig, TrainStep
+
+    def loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(batch[0])
+        return out, torch.nn.functional.cross_entropy(out, batch[1])
+
+    torch.manual_seed(0)
+    model = MLP(MLPSpec((8, 16, 4)))
+    step = TrainStep(model, TrainConfig(grad_accum=2), loss_fn)
+    batches = [(torch.randn(2, 8), torch.zeros(2, dtype=torch.long))] * 2
+    marks: list[str] = []
+    step.step(batches, marks.append)
+    assert marks == ["forward", "backward", "forward", "backward", "optimizer", "end"]
+    phases = perf.PhaseTimes(step, "cpu")
+    for _ in range(3):
+        phases.step(batches)
+    phases.untimed(batches)  # the refill keeps nothing
+    assert len(phases.calls) == 3 and all(set(c) == {"forward", "backward", "optimizer"} for c in phases.calls)
+    phases.calls[0] = {"forward": 1.0, "backward": 1.0, "optimizer": 1.0}  # not among the last two
+    last_two = phases.median(2)
+    assert last_two is not None and all(0 < v < 1.0 for v in last_two.values())
+    assert phases.median(None) is None  # benchmarking disabled
+    on_cuda = perf.PhaseTimes(step, "cuda")  # no marks: a phase's end is unknown without a synchronize
+    on_cuda.step(batches)
+    assert on_cuda.calls == [] and on_cuda.median(5) is None
+
+
 # --- the suite's options ------------------------------------------------------------------------------------------
 
 def _pytest(*args: str) -> subprocess.CompletedProcess[str]:
