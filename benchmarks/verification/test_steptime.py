@@ -59,6 +59,12 @@ CPU3 = _CPU_RUNS / "0003_76d2f734d3cbd511121e6c3bfbefa05c448918fd_20261127_15164
 CPU4 = _CPU_RUNS / "0004_0989dd0b294ef8ce87f14241e09e496f618c64c6_20261127_153522.json"
 CPU5 = _CPU_RUNS / "0005_450721868c2f07bddfadc5bccdb1488c87cbccba_20261127_154222.json"
 CPU6 = _CPU_RUNS / "0006_efb559d56d5cc5f47f469fd1db3d9574c6a6467c_20261127_154658.json"
+# The runs whose every figure records the machine speed it was measured at (a warm probe, 0008 on) and whose
+# calibration measures the host's cost per op on the profile's transformer (0009 on); 0010 and 0011 record each
+# step's phases. Their steps are predicted at their own machine speed (test_replay_recorded_step_at_its_speed).
+CPU9 = _CPU_RUNS / "0009_f898a9fdbae288a515eb41f99d3a4cde0a14f352_20261127_172329.json"
+CPU10 = _CPU_RUNS / "0010_4ebe518fa0d2ec3a231830f59b3abd3adb31f7a1_20261127_172732.json"
+CPU11 = _CPU_RUNS / "0011_4b23c9b823005cad3c9cc6a663cbe6f8a505c4f7_20261127_173004.json"
 # Seeded as test_memory_random.py is: the same examples every run unless TORCHLEDGER_RANDOM_SEED names a seed (or
 # ``random``) or the hypothesis profile is ``nightly``.
 _SEED_ENV = os.environ.get("TORCHLEDGER_RANDOM_SEED", "")
@@ -325,6 +331,44 @@ def test_replay_recorded_step(machine: str, path: Path, name: str, case: dict[st
     assert math.isfinite(error)
     assert abs(error) <= tolerance, (f"{machine} {name}: predicted {predicted * 1e3:.2f} ms against measured "
                                      f"{measured * 1e3:.2f} ms ({error:+.1%})")
+
+
+_MLP_OPTIMIZER = ("this run recorded no phase times; runs 0010 and 0011, which did, measured the MLP's optimizer "
+                  "phase (AdamW foreach over 6.3 M parameters, and zero_grad) at 11.5 and 10.6 ms against 7.3 and "
+                  "9.4 predicted: the bandwidth of x.mul_ over 64 MiB (58.6 to 113.8 GB/s between runs) is not what "
+                  "the optimizer's updates reach inside the step")
+AT_SPEED_MISSES: dict[tuple[str, str], str] = {
+    ("0009", "test_train_step[mlp-32-true]"): f"measured 23.1 ms, predicted 19.3 ms (-16.1%): {_MLP_OPTIMIZER}",
+    ("0009", "test_train_step[mlp-bf16-mixed]"): f"measured 18.2 ms, predicted 14.6 ms (-19.9%): {_MLP_OPTIMIZER}",
+    ("0009", "test_train_step[mlp-16-mixed]"): f"measured 860 ms, predicted 726 ms (-15.6%): {_MLP_OPTIMIZER}",
+    ("0010", "test_train_step[gpt-bf16-mixed]"):
+        "measured 28.6 ms, predicted 33.5 ms (+17.0%): this run's one-token bf16-mixed step took 2.15 ms in the "
+        "forward (47.5 us for each of its 42 launches; 35.1 and 28.3 us in runs 0009 and 0011) with the host probe "
+        "at 1.01 us as in the others: the host floor moved, the probe did not; the forward then came out 8.3 ms "
+        "against 7.4 measured, the backward 22.4 against 19.2",
+}
+AT_SPEED: list[tuple[str, Path]] = [("0009", CPU9), ("0010", CPU10), ("0011", CPU11)]
+
+
+@pytest.mark.parametrize(("run", "path", "name", "case"), [
+    pytest.param(run, path, name, case, id=f"{run}-{name}",
+                 marks=[pytest.mark.xfail(strict=True, reason=AT_SPEED_MISSES[(run, name)])]
+                 if (run, name) in AT_SPEED_MISSES else [])
+    for run, path in AT_SPEED for name, case in CPU_STEPS])
+def test_replay_recorded_step_at_its_speed(run: str, path: Path, name: str, case: dict[str, Any]) -> None:
+    # the step predicted from the run's ceilings, each carried from the machine speed it was measured at to the
+    # speed the step's own rounds measured (never from the step's time): within 15%, as the issue's CPU target
+    result = _result(path, name)
+    speed = MachineSpeed.from_record(result.extra_info.get("machine_speed"))
+    assert speed is not None, f"{run} {name} recorded no machine speed"
+    measured, predicted = float(result.median), _predict(path, case, at=speed)
+    error = predicted / measured - 1
+    assert abs(error) <= 0.15, (f"{run} {name}: predicted {predicted * 1e3:.2f} ms against measured "
+                                f"{measured * 1e3:.2f} ms ({error:+.1%})")
+
+
+def test_the_at_speed_misses_name_recorded_steps() -> None:
+    assert set(AT_SPEED_MISSES) <= {(run, name) for run, _ in AT_SPEED for name, _ in CPU_STEPS}
 
 
 # ----------------------------------------------------------------------------------------------- calibration, CLI
@@ -867,7 +911,14 @@ INTERLEAVED: list[tuple[Path, str, str, str, dict[str, Any], dict[str, Any], str
       for mode in ("every-other", "full")],
     (CPU6, "test_accumulation_interleaved", "4x", "1x", {"batch": 2, "accum": 4}, {},
      "measured to add 18.1 ms, predicted 2.7 ms (-27.0% of the 4 x 2 step): the same comparison added 3.7 and "
-     "7.0 ms in the two runs before, and 7.8, 15.5 and 17.2 ms in three runs of it alone; not explained"),
+     "7.0 ms in the two runs before, and 7.8, 15.5 and 17.2 ms in three runs of it alone; in part the host's "
+     "cost per op of the transformer, which this run's calibration takes from the Linear stack (7.7 us a forward "
+     "launch): measured on gpt-tiny itself from run 0009 on (26 to 40 us)"),
+    # from run 0009 on, with the host's cost per op measured on the transformer itself
+    *[(run, "test_checkpointing_interleaved", mode, "none", {"checkpointing": mode}, {}, None)
+      for run in (CPU9, CPU10, CPU11) for mode in ("every-other", "full")],
+    *[(run, "test_accumulation_interleaved", "4x", "1x", {"batch": 2, "accum": 4}, {}, None)
+      for run in (CPU9, CPU10, CPU11)],
 ]
 
 
