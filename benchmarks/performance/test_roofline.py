@@ -7,6 +7,7 @@ timing the ratio is recorded, not asserted (a burst runs at the clocks of a GPU 
 from __future__ import annotations
 
 import warnings
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from benchmarks.performance.conftest import Ledger
 from torchledger.formulas import flops as F
 from torchledger.formulas.hardware import lookup_device, matmul_intensity
+from torchledger.formulas.steptime import optimizer_ops
 from torchledger.measuring.gpu_state import GpuStateSampler, cuda_uuid
 from torchledger.measuring.timing import agrees_with_do_bench
 
@@ -40,6 +42,37 @@ def test_copy_bandwidth(ledger: Ledger, sizes: dict[str, Any]) -> None:
     bandwidth = 2 * n / seconds if seconds else None  # read and write
     ledger.record(bandwidth_bytes_per_s=bandwidth,
                   fraction_of_peak=None if spec is None or bandwidth is None else bandwidth / spec.memory_bandwidth)
+
+
+@pytest.mark.benchmark(group="roofline")
+def test_optimizer_update(ledger: Ledger, sizes: dict[str, Any]) -> None:
+    """One AdamW (foreach) step over parameters shaped as the profile's MLP (its weights and biases), each round
+    after the speed probe's copy has displaced the caches, as a training step's backward leaves them: the bandwidth
+    the optimizer's own ops reach. Its eight foreach ops read up to three tensors and update one in place
+    (``addcdiv_(p, m, denom)``), and its ``sqrt`` writes a new tensor; on the 2-core EPYC, inside the MLP's step they
+    ran 41 to 86 GB/s where ``x.mul_`` ran 60 to 114, and the whole update took 10.6 to 11.5 ms against 7.3 to 9.4
+    predicted at the ``x.mul_`` bandwidth. ``bytes`` and ``launches`` are those the op list gives this update; the
+    calibration takes the launches' host cost off the time before dividing."""
+    dims = sizes["mlp"]
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape, device=ledger.device))
+              for d_in, d_out in pairwise(dims) for shape in ((d_out, d_in), (d_out,))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer = torch.optim.AdamW(params, foreach=True)
+    optimizer.step()  # the state
+    n = sum(p.numel() for p in params)
+    ops = optimizer_ops(n, len(params), optimizer="adamw", optimizer_impl="foreach",
+                        device="cuda" if ledger.cuda else "cpu")
+    nbytes = sum(op.bytes for op in ops)
+    ledger.time(optimizer.step, rounds=max(sizes["rounds"], 10), warmup=2, bytes_moved=nbytes, refill=_nothing,
+                work={"optimizer": "adamw", "impl": "foreach", "params": n, "tensors": len(params)})
+    ledger.record(optimizer="adamw", impl="foreach", params=n, tensors=len(params), bytes=nbytes,
+                  launches=sum(op.launches * op.count for op in ops))
+
+
+def _nothing() -> None:
+    """No refill after the probe: the update starts with caches that hold other data, as after a backward."""
 
 
 @pytest.mark.benchmark(group="roofline")

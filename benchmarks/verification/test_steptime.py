@@ -864,6 +864,33 @@ def test_calibration_reads_the_host_cost_of_a_model_s_own_step(tmp_path: Path) -
         replace(cal, model_host_s={("gpt-tiny", "32-true"): {"forward": -1}})
 
 
+def test_calibration_reads_the_optimizer_s_own_bandwidth(tmp_path: Path) -> None:
+    # AdamW foreach over 6,296,064 parameters: 80 bytes each (503,685,120), 48 launches. The recorded CPU run has no
+    # host benchmark, so each launch costs the documented 10 us: a step of 503,685,120 / 50e9 s + 48 x 10 us is an
+    # update at 50 GB/s
+    moved, launches = 503_685_120, 48
+    median = moved / 50e9 + launches * 10e-6
+    entry = {"optimizer": "adamw", "impl": "foreach", "params": 6_296_064, "tensors": 6, "bytes": moved,
+             "launches": launches}
+    path = _with_results(tmp_path, [("test_optimizer_update", entry),
+                                    ("test_optimizer_update", {**entry, "bytes": None})])  # no bytes: not read
+    run = json.loads(path.read_text())
+    for bench in run["benchmarks"][-2:]:
+        bench["stats"] = {**bench["stats"], "median": median}
+    path.write_text(json.dumps(run))
+    cal = read_calibration(path)
+    assert cal.optimizer_bandwidth == pytest.approx({"adamw.foreach": 50e9})
+    assert "adamw.foreach updates measured at 50 GB/s (test_optimizer_update)" in cal.source
+    # AdamW foreach's ops take that bandwidth, in place or not; another optimizer's keep the update's or the copy's
+    adamw = optimizer_ops(6_296_064, 6, optimizer="adamw", optimizer_impl="foreach", device="cpu")
+    assert sum(op_seconds(op, cal)[1] for op in adamw) == pytest.approx(moved / 50e9)
+    (sgd,) = optimizer_ops(6_296_064, 6, optimizer="sgd", optimizer_impl="foreach", device="cpu")
+    assert op_seconds(sgd, cal)[1] == pytest.approx(sgd.bytes / cal.bandwidth)
+    assert read_calibration(CPU).optimizer_bandwidth == {}
+    with pytest.raises(ValueError, match=r"optimizer_bandwidth\['adamw.foreach'\]=0"):
+        replace(cal, optimizer_bandwidth={"adamw.foreach": 0})
+
+
 @pytest.mark.parametrize("profile", ["small", "full"])
 def test_the_shape_benchmarks_cover_every_matmul_the_profile_times(profile: str) -> None:
     # every matmul of every training step the profile times (the precision group's recipes, the accumulation

@@ -217,7 +217,9 @@ class Calibration:
     the per-launch overhead in seconds (``launch_s``; ``host_s``: measured per phase, which wins where given), the
     measured rates of named kernels (``kernels``), the machine speed its measured ceilings were carried to
     (``speed``, where they recorded one), the host's cost per op measured on a model's own code by (model, recipe)
-    (``model_host_s``, which :meth:`for_model` puts in place of ``host_s``), and where they came from."""
+    (``model_host_s``, which :meth:`for_model` puts in place of ``host_s``), the bandwidth an optimizer's own ops
+    reached by ``"<optimizer>.<impl>"`` (``optimizer_bandwidth``: its ops are charged at it instead of the copy's or
+    the update's), and where they came from."""
 
     device: str
     matmul: dict[str, tuple[MatmulPoint, ...]]
@@ -231,11 +233,14 @@ class Calibration:
     update_bandwidth: float | None = None
     speed: MachineSpeed | None = None
     model_host_s: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    optimizer_bandwidth: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         positive_number("bandwidth", self.bandwidth)
         if self.update_bandwidth is not None:
             positive_number("update_bandwidth", self.update_bandwidth)
+        for name, value in self.optimizer_bandwidth.items():
+            positive_number(f"optimizer_bandwidth[{name!r}]", value)
         if not (isinstance(self.launch_s, (int, float)) and self.launch_s >= 0):
             raise ValueError(f"launch_s={self.launch_s!r} must be a number >= 0")
         for name, host in (("host_s", self.host_s), *((f"model_host_s[{key!r}]", v)
@@ -348,7 +353,10 @@ def op_seconds(op: Op, cal: Calibration) -> tuple[float, float, float]:
 
     The compute time of a named kernel the calibration measured is its units over the measured rate (for
     attention this replaces the GEMM rate of its FLOPs); else a matmul's FLOPs over the matmul rate of its shape,
-    else none. NB: a measured kernel's time includes its own launch, which is charged again as a launch."""
+    else none. NB: a measured kernel's time includes its own launch, which is charged again as a launch. The bytes
+    go at the bandwidth the calibration measured for the op's optimizer (an ``optimizer`` op named
+    ``<optimizer>.<impl>[i]``, :attr:`Calibration.optimizer_bandwidth`), else of an update in place for an op that
+    updates its operand, else of a copy."""
     compute = 0.0
     rate = cal.kernel_rate(op.kernel, op.dtype, op.units) if op.kernel and op.units else None
     if rate is not None:
@@ -356,7 +364,9 @@ def op_seconds(op: Op, cal: Calibration) -> tuple[float, float, float]:
     elif op.flops:
         m, k, n = op.shape if op.shape is not None else (1, 1, max(1, op.flops // 2))
         compute = op.flops / cal.matmul_rate(op.dtype, m, k, n, op.layout)
-    bandwidth = cal.update_bandwidth if op.in_place and cal.update_bandwidth else cal.bandwidth
+    bandwidth = cal.optimizer_bandwidth.get(op.name.split("[", 1)[0]) if op.phase == "optimizer" else None
+    if bandwidth is None:
+        bandwidth = cal.update_bandwidth if op.in_place and cal.update_bandwidth else cal.bandwidth
     return compute, op.bytes / bandwidth, op.launches * cal.per_launch(op.phase)
 
 

@@ -20,6 +20,10 @@ are read, never a timed training step:
 - the update in place of the ``roofline`` group (``test_update_bandwidth``: ``x.mul_(s)``), bytes read plus written
   back over the median time, the bandwidth of the ops that update their operand in place (the optimizer, gradient
   accumulation); a run without it charges them the copy's;
+- an optimizer's own update (``test_optimizer_update``: AdamW foreach over the profile's MLP parameters), the bytes
+  its op list moves over the median time less its launches at the optimizer phase's host cost per op: the
+  bandwidth that optimizer's ops are charged at (``optimizer_bandwidth``), which its multi-operand updates do not
+  reach at ``x.mul_``'s;
 - the host's cost per op inside a training step, per phase, from the ``roofline`` group's ``test_host_overhead``
   (``host_overhead_s``: a step of 64 Linear(8, 8) at batch 1, each phase's median seconds over the launches the
   step-time model lists for that step; results of one run averaged), where the run has it; else the device kind's
@@ -116,6 +120,7 @@ def calibration_from_run(run: Run, at: MachineSpeed | None = None) -> Calibratio
     kernels: dict[tuple[str, str, int], list[float]] = {}
     updates: list[float] = []
     model_floors: dict[tuple[str, str], tuple[int, int, dict[str, float]]] = {}
+    optimizer_runs: dict[str, list[tuple[float, int, float, dict[str, Any]]]] = {}
     for result in run.results.values():
         name, extra = _test_name(result), result.extra_info
         if result.group == "roofline" and name == "test_kernel_rate":
@@ -138,6 +143,12 @@ def calibration_from_run(run: Run, at: MachineSpeed | None = None) -> Calibratio
                           if p in HOST_PHASES and (v := finite(value)) is not None and v > 0}
                 if phases:
                     model_floors[(model, recipe)] = (batch, seq_len, phases)
+        elif result.group == "roofline" and name == "test_optimizer_update":
+            optimizer, impl = extra.get("optimizer"), extra.get("impl")
+            moved, launches = finite(extra.get("bytes")), extra.get("launches")
+            if isinstance(optimizer, str) and isinstance(impl, str) and moved and moved > 0 \
+                    and isinstance(launches, int) and launches >= 0 and result.median > 0:
+                optimizer_runs.setdefault(f"{optimizer}.{impl}", []).append((moved, launches, result.median, extra))
         elif result.group == "roofline" and name == "test_update_bandwidth":
             work = extra.get("work")
             updated = finite(work.get("bytes")) if isinstance(work, dict) else None
@@ -207,9 +218,35 @@ def calibration_from_run(run: Run, at: MachineSpeed | None = None) -> Calibratio
                        speed=reference if carried else None,
                        source=f"the {run.machine} run of commit {run.commit or 'unknown'}, {run.datetime[:10]}; "
                               f"{launch_note}{kernel_note}")
+    if optimizer_runs:
+        optimizer_bw: dict[str, float] = {}
+        for key, runs in optimizer_runs.items():
+            values = [bw for moved, launches, median, extra in runs
+                      if (bw := _optimizer_bandwidth(cal, reference, moved, launches, median, extra)) is not None]
+            if values:
+                optimizer_bw[key] = sum(values) / len(values)
+        notes = "".join(f"; {key} updates measured at {bw / 1e9:.4g} GB/s (test_optimizer_update)"
+                        for key, bw in optimizer_bw.items())
+        cal = replace(cal, optimizer_bandwidth=optimizer_bw, source=cal.source + notes)
     if not model_floors:
         return cal
     return replace(cal, model_host_s={key: _model_host_s(cal, key, floor) for key, floor in model_floors.items()})
+
+
+def _optimizer_bandwidth(cal: Calibration, reference: MachineSpeed | None, moved: float, launches: int,
+                         median: float, extra: dict[str, Any]) -> float | None:
+    """Bytes over seconds of an optimizer's update, the host's cost of its launches (the calibration's per-launch
+    figure of the optimizer phase, at the speed of the measurement) taken off first; carried to ``reference`` by the
+    copy probe. None where the host's cost takes the whole time."""
+    speed = MachineSpeed.from_record(extra.get("machine_speed"))
+    per_launch = cal.per_launch("optimizer")
+    if speed is not None and reference is not None:
+        per_launch = reference.scale("host", per_launch, speed)
+    device = median - launches * per_launch
+    if device <= 0:
+        return None
+    bandwidth = moved / device
+    return speed.scale("memory", bandwidth, reference) if speed is not None and reference is not None else bandwidth
 
 
 def _model_host_s(cal: Calibration, key: tuple[str, str], floor: tuple[int, int, dict[str, float]]
