@@ -100,8 +100,7 @@ def config_time(spec: ModelSpec, batch: int, seq_len: int, cal: Calibration, *, 
             # fits one
             local = (gpus_per_node % ranks == 0 and not (sharding == "hsdp" and name == "all_reduce")) or (
                 world_size <= gpus_per_node)
-            comm += communication_seconds(nbytes * per_step, intra if local else link_bandwidth,
-                                          world_size=world_size)
+            comm += communication_seconds(nbytes * per_step, intra if local else link_bandwidth, world_size=ranks)
     flops = model_flops(spec, batch, seq_len, checkpointing=checkpointing)
     compute = compute_dtype(precision)
     t = step_time(ops, cal, tokens=grad_accum * batch * seq_len,
