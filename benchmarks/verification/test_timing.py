@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import benchmarks.performance.conftest as perf
+from torchledger import pytest_plugin
 from torchledger.formulas.hardware import lookup_device
 from torchledger.measuring import gpu_state
 from torchledger.measuring import timing as perf_timing
@@ -330,6 +332,15 @@ def test_the_cpu_ledger_probes_the_machine_speed_in_every_round() -> None:
     m, k, n = perf_timing.SpeedProbe.MATMUL
     assert 1e8 < speed["matmul_flops_per_s"] < 1e14 and 1e8 < speed["copy_bytes_per_s"] < 1e13
     assert 1e-9 < speed["host_op_s"] < 1e-3 and (m, k, n) == (256, 512, 512)
+    # a refill that lasts longer than REFILL_LIMIT_S (a training step) is not repeated: the probe still is
+    slow: list[None] = []
+
+    def long_refill() -> None:
+        slow.append(time.sleep(pytest_plugin.REFILL_LIMIT_S * 1.5))
+    bench = TimedBenchmark()
+    perf.Ledger(bench, "cpu", perf.CpuPeaks(64), profile="small").time(lambda: None, rounds=4, warmup=1, work={},
+                                                                        refill=long_refill)
+    assert bench.setups == 5 and len(slow) == 1 and bench.extra_info["machine_speed"]["samples"] == 4
     # no probe where a round is not repeated (an epoch timed once), or the benchmark asks for none
     for kwargs in ({"rounds": 2}, {"rounds": 5, "machine_speed": False}):
         bench = TimedBenchmark()
