@@ -70,6 +70,8 @@ CPU11 = _CPU_RUNS / "0011_4b23c9b823005cad3c9cc6a663cbe6f8a505c4f7_20261127_1730
 CPU12 = _CPU_RUNS / "0012_0657710b4d9ba2aa845f3418736c16aec8306761_20261127_174909.json"
 CPU13 = _CPU_RUNS / "0013_c7be5d6967f756331d35e958d336ecb12340cc56_20261127_175138.json"
 CPU14 = _CPU_RUNS / "0014_6d3b331d08d0dca4f1abe44e5e676a58dc0b9b9b_20261127_175410.json"
+# 0015 on: no refill after the probe for work whose refill lasts over 20 ms (the training steps).
+CPU15 = _CPU_RUNS / "0015_b4c3cb2d8cc6b50b8261d40eaf6c60440fa3d910_20261127_180600.json"
 # Seeded as test_memory_random.py is: the same examples every run unless TORCHLEDGER_RANDOM_SEED names a seed (or
 # ``random``) or the hypothesis profile is ``nightly``.
 _SEED_ENV = os.environ.get("TORCHLEDGER_RANDOM_SEED", "")
@@ -379,8 +381,13 @@ AT_SPEED_MISSES.update({
            ("test_train_step[mlp-32-true]", "23.7 ms", "19.9 ms (-16.2%)", "4.8", "7.5", "3.5", "6.0"),
            ("test_train_step[mlp-bf16-mixed]", "19.8 ms", "16.7 ms (-15.5%)", "3.3", "4.9", "2.7", "4.0"))},
 })
+AT_SPEED_MISSES[("0015", "test_train_step[mlp-32-true]")] = (
+    "measured 25.8 ms, predicted 21.7 ms (-15.7%): the step's probes read the matmul at 169 GFLOP/s and the copy at "
+    "45 GB/s, against 177 to 192 and 29 to 33 in the other steps of the run: a slow phase, in which the copy runs "
+    "faster while the step runs slower (see the README); carried by the copy probe, the optimizer was predicted at "
+    "7.9 ms against 9.8 measured")
 AT_SPEED: list[tuple[str, Path]] = [("0009", CPU9), ("0010", CPU10), ("0011", CPU11), ("0012", CPU12),
-                                    ("0013", CPU13), ("0014", CPU14)]
+                                    ("0013", CPU13), ("0014", CPU14), ("0015", CPU15)]
 
 
 @pytest.mark.parametrize(("run", "path", "name", "case"), [
@@ -976,9 +983,9 @@ INTERLEAVED: list[tuple[Path, str, str, str, dict[str, Any], dict[str, Any], str
      "launch): measured on gpt-tiny itself from run 0009 on (26 to 40 us)"),
     # from run 0009 on, with the host's cost per op measured on the transformer itself
     *[(run, "test_checkpointing_interleaved", mode, "none", {"checkpointing": mode}, {}, None)
-      for run in (CPU9, CPU10, CPU11, CPU12, CPU13, CPU14) for mode in ("every-other", "full")],
+      for run in (CPU9, CPU10, CPU11, CPU12, CPU13, CPU14, CPU15) for mode in ("every-other", "full")],
     *[(run, "test_accumulation_interleaved", "4x", "1x", {"batch": 2, "accum": 4}, {}, None)
-      for run in (CPU9, CPU10, CPU11, CPU12, CPU13, CPU14)],
+      for run in (CPU9, CPU10, CPU11, CPU12, CPU13, CPU14, CPU15)],
 ]
 
 
