@@ -63,13 +63,13 @@ group() {  # name, seconds, files...
     --benchmark-json="$ev/bench-$name.json" --benchmark-columns=min,median,iqr,rounds >> "$ev/benchmarks.log" 2>&1
   echo "rc=$? $name" >> "$ev/timeline.log"
 }
-group roofline-precision 45 benchmarks/performance/test_roofline.py benchmarks/performance/test_launch.py \
+group roofline-precision 55 benchmarks/performance/test_roofline.py benchmarks/performance/test_launch.py \
   benchmarks/performance/test_precision.py
 # the step-time model's calibration: about 105 short benchmarks of 2 sustained rounds each (~0.35 s)
-group calibration 50 benchmarks/performance/test_matmul_shapes.py benchmarks/performance/test_kernels.py
+group calibration 45 benchmarks/performance/test_matmul_shapes.py benchmarks/performance/test_kernels.py
 group accumulation-checkpointing 75 benchmarks/performance/test_accumulation_checkpointing.py
 group dataloader 35 benchmarks/performance/test_dataloader.py
-group fusion 40 benchmarks/performance/test_fusion.py
+group fusion 35 benchmarks/performance/test_fusion.py
 group other 20 benchmarks/performance/test_formulas_speed.py benchmarks/performance/test_count_speed.py \
   benchmarks/performance/test_collectives.py
 el "pack"
