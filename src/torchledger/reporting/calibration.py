@@ -68,6 +68,9 @@ __all__ = ["HOST_PHASES", "calibration_from_run", "read_calibration"]
 HOST_PHASES = ("forward", "backward", "optimizer")
 
 _MATMUL_TESTS = ("test_biggest_matmul", "test_matmul", "test_matmul_shape")
+# every test whose figures the calibration reads (a timed step is never among them)
+_CEILING_TESTS = (*_MATMUL_TESTS, "test_kernel_rate", "test_host_overhead", "test_model_host_cost",
+                  "test_optimizer_update", "test_update_bandwidth", "test_copy_bandwidth")
 
 
 def _test_name(result: Result) -> str:
@@ -92,6 +95,7 @@ def _speed_reference(run: Run, at: MachineSpeed | None) -> MachineSpeed | None:
     if at is not None:
         return at
     speeds = [speed for result in run.results.values() if result.group in ("roofline", "precision")
+              and _test_name(result) in _CEILING_TESTS
               and (speed := MachineSpeed.from_record(result.extra_info.get("machine_speed"))) is not None]
     return MachineSpeed.median(speeds) if speeds else None
 
