@@ -59,6 +59,9 @@ CPU3 = _CPU_RUNS / "0003_76d2f734d3cbd511121e6c3bfbefa05c448918fd_20261127_15164
 CPU4 = _CPU_RUNS / "0004_0989dd0b294ef8ce87f14241e09e496f618c64c6_20261127_153522.json"
 CPU5 = _CPU_RUNS / "0005_450721868c2f07bddfadc5bccdb1488c87cbccba_20261127_154222.json"
 CPU6 = _CPU_RUNS / "0006_efb559d56d5cc5f47f469fd1db3d9574c6a6467c_20261127_154658.json"
+# Runs 0007 (the speed probe timed cold) and 0008 (warm), replayed for their same-round predictions.
+CPU7 = _CPU_RUNS / "0007_b2df765f4d20504ee5f758fe8f7b123efd9f8d32_20261127_171346.json"
+CPU8 = _CPU_RUNS / "0008_bc8b1733589bef22fd428b51f12d7b762128d7d8_20261127_171631.json"
 # The runs whose every figure records the machine speed it was measured at (a warm probe, 0008 on) and whose
 # calibration measures the host's cost per op on the profile's transformer (0009 on); 0010 and 0011 record each
 # step's phases. Their steps are predicted at their own machine speed (test_replay_recorded_step_at_its_speed).
@@ -996,9 +999,24 @@ INTERLEAVED: list[tuple[Path, str, str, str, dict[str, Any], dict[str, Any], str
 SAME_ROUNDS = ["gpt-32-true", "gpt-bf16-mixed", "mlp-32-true", "mlp-bf16-mixed"]
 
 
-@pytest.mark.parametrize("step", SAME_ROUNDS)
-def test_replay_same_round_prediction(step: str) -> None:
-    extra = _extra_info(CPU6, f"test_step_prediction_same_rounds[{step}]")
+SAME_ROUND_RUNS = [("0006", CPU6), ("0007", CPU7), ("0008", CPU8), ("0009", CPU9), ("0010", CPU10),
+                   ("0011", CPU11), ("0012", CPU12), ("0013", CPU13), ("0014", CPU14), ("0015", CPU15)]
+SAME_ROUND_MISSES = {
+    ("0015", "mlp-bf16-mixed"):
+        "-17.0% in the median round: the per-round calibration charges AdamW's update at the bandwidth of x.mul_ "
+        "timed in that round, which AdamW's multi-operand ops do not reach (test_optimizer_update measures AdamW "
+        "itself; this benchmark does not). The MLP's steps came out -5.5% to -17.0% over runs 0007 to 0015, "
+        "the gpt-tiny steps -5.4% to +7.6%",
+}
+
+
+@pytest.mark.parametrize(("run", "path", "step"), [
+    pytest.param(run, path, step, id=f"{run}-{step}",
+                 marks=[pytest.mark.xfail(strict=True, reason=SAME_ROUND_MISSES[(run, step)])]
+                 if (run, step) in SAME_ROUND_MISSES else [])
+    for run, path in SAME_ROUND_RUNS for step in SAME_ROUNDS])
+def test_replay_same_round_prediction(run: str, path: Path, step: str) -> None:
+    extra = _extra_info(path, f"test_step_prediction_same_rounds[{step}]")
     assert extra["matmul_probes"] > 0 and extra["step_median_s"] > 0
     if step.startswith("gpt"):  # attention, LayerNorm, GELU, cross-entropy: forward and backward
         assert extra["kernel_probes"] == 8
