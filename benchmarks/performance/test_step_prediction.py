@@ -5,7 +5,9 @@ A calibration measured by the roofline group and replayed against steps timed mi
 drift: on the 2-core EPYC one run's roofline group measured the copy at 41.5 GB/s where the two runs before measured
 33.1 and 26.7, and the same step took 32.3 to 43.4 ms in three groups of one run. Here every round runs the step once
 and then, each timed on its own, every matmul of the step's op list at its shape, layout and dtype, every named
-kernel at the step's shapes (the transformer's), a copy and an update in place of the profile's copy size. Each
+kernel at the step's shapes (the transformer's), a copy and an update in place of the profile's copy size, and an
+AdamW step over parameters of the step's own shapes (the bandwidth AdamW's ops are charged at, as the calibration's
+``test_optimizer_update``; runs before 0016 charged them the update's). Each
 round's figures make one :class:`~torchledger.formulas.steptime.Calibration`, with the host's cost per op measured
 once before the rounds (:class:`~benchmarks.performance.test_launch.HostStep`), and the model predicts the round's
 step from it; ``round_error`` is the median over the rounds of predicted over measured, minus one. Nothing of the
@@ -41,6 +43,7 @@ from torchledger.formulas.steptime import (
     MatmulPoint,
     Op,
     mlp_step_ops,
+    optimizer_ops,
     step_time,
     transformer_step_ops,
 )
@@ -92,7 +95,8 @@ def _probes(ops: list[Op], sizes: dict[str, Any], device: str
 
 
 def _calibration(times: dict[tuple[Any, ...], float], work: dict[tuple[Any, ...], int], copy_s: float,
-                 update_s: float, nbytes: int, host: dict[str, float]) -> Calibration:
+                 update_s: float, nbytes: int, host: dict[str, float], adamw_s: float, adamw: list[Op]
+                 ) -> Calibration:
     matmul: dict[str, list[MatmulPoint]] = {}
     kernels: list[KernelPoint] = []
     for key, seconds in times.items():
@@ -101,9 +105,12 @@ def _calibration(times: dict[tuple[Any, ...], float], work: dict[tuple[Any, ...]
             matmul.setdefault(dtype, []).append(MatmulPoint(m, k, n, work[key] / seconds, layout))
         else:
             kernels.append(KernelPoint(key[1], key[2], work[key], work[key] / seconds))
+    # AdamW's own update (as test_optimizer_update): its op list's bytes over its time less its launches' host cost
+    device_s = adamw_s - sum(op.launches * op.count for op in adamw) * host["optimizer"]
+    optimizer = {"adamw.foreach": sum(op.bytes for op in adamw) / device_s} if device_s > 0 else {}
     return Calibration("this round", {d: tuple(p) for d, p in matmul.items()}, 2 * nbytes / copy_s,
                        LAUNCH_OVERHEAD_S["cpu"], "cpu", host_s=host, kernels=tuple(kernels),
-                       update_bandwidth=2 * nbytes / update_s)
+                       update_bandwidth=2 * nbytes / update_s, optimizer_bandwidth=optimizer)
 
 
 @pytest.mark.benchmark(group="roofline")
@@ -124,8 +131,16 @@ def test_step_prediction_same_rounds(ledger: Ledger, sizes: dict[str, Any], work
     nbytes = sizes["copy_bytes"]
     src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
+    # an AdamW (foreach) step over parameters of the step's own shapes, beside the step's own optimizer
+    params = [torch.nn.Parameter(p.detach().clone()) for p in step.model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    adamw = torch.optim.AdamW(params, foreach=True)
+    adamw.step()  # the state
+    adamw_ops = optimizer_ops(sum(p.numel() for p in params), len(params), optimizer="adamw",
+                              optimizer_impl="foreach", device="cpu")
     probes: dict[tuple[Any, ...], Callable[[], object]] = {
-        **calls, ("copy",): lambda: dst.copy_(src), ("update",): lambda: src.mul_(1.0)}
+        **calls, ("copy",): lambda: dst.copy_(src), ("update",): lambda: src.mul_(1.0), ("adamw",): adamw.step}
     host = _host_s(ledger)
     rounds: list[dict[tuple[Any, ...], float]] = []
 
@@ -146,7 +161,7 @@ def test_step_prediction_same_rounds(ledger: Ledger, sizes: dict[str, Any], work
     measured, predicted = [], []
     for times in rounds[-ROUNDS:]:
         cal = _calibration({k: v for k, v in times.items() if k[0] in ("matmul", "kernel")}, work,
-                           times[("copy",)], times[("update",)], nbytes, host)
+                           times[("copy",)], times[("update",)], nbytes, host, times[("adamw",)], adamw_ops)
         measured.append(times[("step",)])
         predicted.append(step_time(ops, cal, tokens=1, model_flops=0).step_s)
     errors = sorted(p / m - 1 for p, m in zip(predicted, measured, strict=True))
