@@ -75,6 +75,8 @@ CPU13 = _CPU_RUNS / "0013_c7be5d6967f756331d35e958d336ecb12340cc56_20261127_1751
 CPU14 = _CPU_RUNS / "0014_6d3b331d08d0dca4f1abe44e5e676a58dc0b9b9b_20261127_175410.json"
 # 0015 on: no refill after the probe for work whose refill lasts over 20 ms (the training steps).
 CPU15 = _CPU_RUNS / "0015_b4c3cb2d8cc6b50b8261d40eaf6c60440fa3d910_20261127_180600.json"
+# 0016 on: the same-round prediction times AdamW's own update in every round.
+CPU16 = _CPU_RUNS / "0016_bf555276bb75bf8f45dd4f4cee5ce1c779f5d415_20261127_181111.json"
 # Seeded as test_memory_random.py is: the same examples every run unless TORCHLEDGER_RANDOM_SEED names a seed (or
 # ``random``) or the hypothesis profile is ``nightly``.
 _SEED_ENV = os.environ.get("TORCHLEDGER_RANDOM_SEED", "")
@@ -390,7 +392,7 @@ AT_SPEED_MISSES[("0015", "test_train_step[mlp-32-true]")] = (
     "faster while the step runs slower (see the README); carried by the copy probe, the optimizer was predicted at "
     "7.9 ms against 9.8 measured")
 AT_SPEED: list[tuple[str, Path]] = [("0009", CPU9), ("0010", CPU10), ("0011", CPU11), ("0012", CPU12),
-                                    ("0013", CPU13), ("0014", CPU14), ("0015", CPU15)]
+                                    ("0013", CPU13), ("0014", CPU14), ("0015", CPU15), ("0016", CPU16)]
 
 
 @pytest.mark.parametrize(("run", "path", "name", "case"), [
@@ -988,9 +990,9 @@ INTERLEAVED: list[tuple[Path, str, str, str, dict[str, Any], dict[str, Any], str
      "launch): measured on gpt-tiny itself from run 0009 on (26 to 40 us)"),
     # from run 0009 on, with the host's cost per op measured on the transformer itself
     *[(run, "test_checkpointing_interleaved", mode, "none", {"checkpointing": mode}, {}, None)
-      for run in (CPU9, CPU10, CPU11, CPU12, CPU13, CPU14, CPU15) for mode in ("every-other", "full")],
+      for run in (CPU9, CPU10, CPU11, CPU12, CPU13, CPU14, CPU15, CPU16) for mode in ("every-other", "full")],
     *[(run, "test_accumulation_interleaved", "4x", "1x", {"batch": 2, "accum": 4}, {}, None)
-      for run in (CPU9, CPU10, CPU11, CPU12, CPU13, CPU14, CPU15)],
+      for run in (CPU9, CPU10, CPU11, CPU12, CPU13, CPU14, CPU15, CPU16)],
 ]
 
 
@@ -1000,7 +1002,8 @@ SAME_ROUNDS = ["gpt-32-true", "gpt-bf16-mixed", "mlp-32-true", "mlp-bf16-mixed"]
 
 
 SAME_ROUND_RUNS = [("0006", CPU6), ("0007", CPU7), ("0008", CPU8), ("0009", CPU9), ("0010", CPU10),
-                   ("0011", CPU11), ("0012", CPU12), ("0013", CPU13), ("0014", CPU14), ("0015", CPU15)]
+                   ("0011", CPU11), ("0012", CPU12), ("0013", CPU13), ("0014", CPU14), ("0015", CPU15),
+                   ("0016", CPU16)]
 SAME_ROUND_MISSES = {
     ("0015", "mlp-bf16-mixed"):
         "-17.0% in the median round: the per-round calibration charges AdamW's update at the bandwidth of x.mul_ "
