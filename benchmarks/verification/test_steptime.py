@@ -909,6 +909,17 @@ def test_calibration_reads_the_host_cost_of_a_model_s_own_step(tmp_path: Path) -
     assert read_calibration(fast).model_host_s[("gpt-tiny", "32-true")]["optimizer"] == 0.0
     with pytest.raises(ValueError, match=r"model_host_s\[\('gpt-tiny', '32-true'\)\]\['forward'\]=-1"):
         replace(cal, model_host_s={("gpt-tiny", "32-true"): {"forward": -1}})
+    # a GPU's run records the figure and does not apply it: the host overlaps the GPU's work there
+    run = json.loads(H200.read_text())
+    copy = next(b for b in run["benchmarks"] if b["group"] == "roofline")
+    run["benchmarks"].append({**copy, "name": "test_model_host_cost[gpt-32-true]",
+                              "fullname": "benchmarks/performance/test_launch.py::test_model_host_cost[gpt-32-true]",
+                              "extra_info": {**floor, "model": "gpt2-small"}})
+    gpu = tmp_path / "gpu" / H200.parent.parent.name / H200.parent.name / H200.name
+    gpu.parent.mkdir(parents=True)
+    gpu.write_text(json.dumps(run))
+    h200 = read_calibration(gpu)
+    assert h200.kind == "cuda" and h200.model_host_s == {} and "test_model_host_cost" not in h200.source
 
 
 def test_calibration_reads_the_optimizer_s_own_bandwidth(tmp_path: Path) -> None:

@@ -24,6 +24,12 @@ are read, never a timed training step:
   its op list moves over the median time less its launches at the optimizer phase's host cost per op: the
   bandwidth that optimizer's ops are charged at (``optimizer_bandwidth``), which its multi-operand updates do not
   reach at ``x.mul_``'s;
+- on a CPU, the host's cost per op of a model's own step, per phase (``test_model_host_cost``: the profile's
+  transformer at batch 1 and one token; each phase's seconds less the device time this calibration predicts for
+  that size, over the phase's launches), which :meth:`~torchledger.formulas.steptime.Calibration.for_model` puts in
+  place of the figure below for that model and recipe. On CUDA it is recorded and not applied: there the host
+  issues a step's ops while the GPU runs earlier ones, and the model adds the two (an upper bound), so a larger
+  host figure would only loosen the bound;
 - the host's cost per op inside a training step, per phase, from the ``roofline`` group's ``test_host_overhead``
   (``host_overhead_s``: a step of 64 Linear(8, 8) at batch 1, each phase's median seconds over the launches the
   step-time model lists for that step; results of one run averaged), where the run has it; else the device kind's
@@ -207,7 +213,7 @@ def calibration_from_run(run: Run, at: MachineSpeed | None = None) -> Calibratio
         except ValueError:  # a kernel or dtype this version does not model
             continue
     kernel_note = f"; {len(points)} kernel rates measured (test_kernel_rate)" if points else ""
-    if model_floors:
+    if model_floors and kind == "cpu":
         kernel_note += f"; host cost per op of {len(model_floors)} models measured (test_model_host_cost)"
     if carried and reference is not None:
         to = "of the step" if at else "median"
@@ -232,7 +238,7 @@ def calibration_from_run(run: Run, at: MachineSpeed | None = None) -> Calibratio
         notes = "".join(f"; {key} updates measured at {bw / 1e9:.4g} GB/s (test_optimizer_update)"
                         for key, bw in optimizer_bw.items())
         cal = replace(cal, optimizer_bandwidth=optimizer_bw, source=cal.source + notes)
-    if not model_floors:
+    if not model_floors or kind != "cpu":  # on CUDA recorded, not applied (the module docstring says why)
         return cal
     return replace(cal, model_host_s={key: _model_host_s(cal, key, floor) for key, floor in model_floors.items()})
 
