@@ -354,9 +354,10 @@ def test_the_speed_probe_keeps_the_last_samples() -> None:
         probe.summary(3)
     for _ in range(3):
         probe.measure()
-    probe.samples[0] = (1.0, 1.0, 1.0)  # the oldest sample is not among the last two
+    probe.samples[0] = (1.0, 1.0, 1.0, 1.0)  # the oldest sample is not among the last two
     summary = probe.summary(2)
     assert summary["samples"] == 2 and summary["matmul_flops_per_s"] > 1.0 and summary["host_op_s"] != 1.0
+    assert 1e-8 < summary["small_op_s"] < 1e-2  # one copy of 256 KiB: under 10 ms at 26 MB/s or more
 
 
 def test_phase_times_sum_each_phase_over_the_micro_batches() -> None:
