@@ -77,6 +77,8 @@ CPU14 = _CPU_RUNS / "0014_6d3b331d08d0dca4f1abe44e5e676a58dc0b9b9b_20261127_1754
 CPU15 = _CPU_RUNS / "0015_b4c3cb2d8cc6b50b8261d40eaf6c60440fa3d910_20261127_180600.json"
 # 0016 on: the same-round prediction times AdamW's own update in every round.
 CPU16 = _CPU_RUNS / "0016_bf555276bb75bf8f45dd4f4cee5ce1c779f5d415_20261127_181111.json"
+# 0017 on: the small-op probe recorded (small_op_s), not used.
+CPU17 = _CPU_RUNS / "0017_deebdf6907f2f6c75415247c3fa78e9065bfe59b_20261127_185748.json"
 # Seeded as test_memory_random.py is: the same examples every run unless TORCHLEDGER_RANDOM_SEED names a seed (or
 # ``random``) or the hypothesis profile is ``nightly``.
 _SEED_ENV = os.environ.get("TORCHLEDGER_RANDOM_SEED", "")
@@ -392,7 +394,8 @@ AT_SPEED_MISSES[("0015", "test_train_step[mlp-32-true]")] = (
     "faster while the step runs slower (see the README); carried by the copy probe, the optimizer was predicted at "
     "7.9 ms against 9.8 measured")
 AT_SPEED: list[tuple[str, Path]] = [("0009", CPU9), ("0010", CPU10), ("0011", CPU11), ("0012", CPU12),
-                                    ("0013", CPU13), ("0014", CPU14), ("0015", CPU15), ("0016", CPU16)]
+                                    ("0013", CPU13), ("0014", CPU14), ("0015", CPU15), ("0016", CPU16),
+                                    ("0017", CPU17)]
 
 
 @pytest.mark.parametrize(("run", "path", "name", "case"), [
@@ -1001,9 +1004,10 @@ INTERLEAVED: list[tuple[Path, str, str, str, dict[str, Any], dict[str, Any], str
      "launch): measured on gpt-tiny itself from run 0009 on (26 to 40 us)"),
     # from run 0009 on, with the host's cost per op measured on the transformer itself
     *[(run, "test_checkpointing_interleaved", mode, "none", {"checkpointing": mode}, {}, None)
-      for run in (CPU9, CPU10, CPU11, CPU12, CPU13, CPU14, CPU15, CPU16) for mode in ("every-other", "full")],
+      for run in (CPU9, CPU10, CPU11, CPU12, CPU13, CPU14, CPU15, CPU16, CPU17)
+      for mode in ("every-other", "full")],
     *[(run, "test_accumulation_interleaved", "4x", "1x", {"batch": 2, "accum": 4}, {}, None)
-      for run in (CPU9, CPU10, CPU11, CPU12, CPU13, CPU14, CPU15, CPU16)],
+      for run in (CPU9, CPU10, CPU11, CPU12, CPU13, CPU14, CPU15, CPU16, CPU17)],
 ]
 
 
@@ -1014,7 +1018,7 @@ SAME_ROUNDS = ["gpt-32-true", "gpt-bf16-mixed", "mlp-32-true", "mlp-bf16-mixed"]
 
 SAME_ROUND_RUNS = [("0006", CPU6), ("0007", CPU7), ("0008", CPU8), ("0009", CPU9), ("0010", CPU10),
                    ("0011", CPU11), ("0012", CPU12), ("0013", CPU13), ("0014", CPU14), ("0015", CPU15),
-                   ("0016", CPU16)]
+                   ("0016", CPU16), ("0017", CPU17)]
 SAME_ROUND_MISSES = {
     ("0015", "mlp-bf16-mixed"):
         "-17.0% in the median round: the per-round calibration charges AdamW's update at the bandwidth of x.mul_ "
