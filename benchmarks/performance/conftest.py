@@ -87,19 +87,23 @@ class PhaseTimes:
     """Each phase's seconds in every timed training step, by :meth:`TrainStep.step
     <torchledger.workloads.train_step.TrainStep.step>`'s ``mark``: ``step(batches)`` runs one step and keeps its
     phases (forward and backward summed over the micro-batches); ``untimed(batches)`` one that keeps nothing (the
-    refill after the speed probe). CPU only: on CUDA a phase's end is not known without a synchronize, which would
-    change the step being timed; there :meth:`median` is None."""
+    refill after the speed probe). On CUDA a phase's end is not known without a synchronize, which would change a
+    step being timed: there phases are timed only with ``sync`` given (it is called at every phase's end), else
+    :meth:`median` is None."""
 
-    def __init__(self, train_step: Any, device: str) -> None:
-        self.train_step, self.cpu = train_step, not device.startswith("cuda")
+    def __init__(self, train_step: Any, device: str, sync: Callable[[], None] | None = None) -> None:
+        self.train_step, self.sync = train_step, sync
+        self.timed = sync is not None or not device.startswith("cuda")
         self.calls: list[dict[str, float]] = []
         self._marks: list[tuple[str, float]] = []
 
     def _mark(self, phase: str) -> None:
+        if self.sync is not None:
+            self.sync()
         self._marks.append((phase, time.perf_counter()))
 
     def step(self, batches: Any) -> None:
-        if not self.cpu:
+        if not self.timed:
             self.train_step.step(batches)
             return
         self._marks.clear()

@@ -27,7 +27,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from itertools import pairwise
+from functools import partial
 from typing import Any
 
 import pytest
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.performance.conftest import Ledger
+from benchmarks.performance.conftest import Ledger, PhaseTimes
 from benchmarks.performance.test_precision import _step_case
 from torchledger.formulas.specs import MLPSpec
 from torchledger.formulas.steptime import mlp_step_ops
@@ -243,18 +243,7 @@ def test_model_host_cost(ledger: Ledger, sizes: dict[str, Any], workload: str, r
     is ``phase_median_s``."""
     case = _step_case(workload, {**sizes, "mlp_batch": 1, "gpt_batch": 1, "gpt_seq": 1}, recipe)
     _, step, batches = case.build(ledger.device)
-    marks: list[tuple[str, float]] = []
-    phases: dict[str, list[float]] = {p: [] for p in HOST_PHASES}
-
-    def mark(phase: str) -> None:
-        ledger.sync()
-        marks.append((phase, time.perf_counter()))
-
-    def run() -> None:
-        marks.clear()
-        step.step(batches, mark)
-        for (phase, start), (_, end) in pairwise(marks):  # the last mark ends the step
-            phases[phase].append(end - start)
+    phases = PhaseTimes(step, ledger.device, sync=ledger.sync)
 
     def refill() -> None:
         """Nothing after the speed probe: each phase starts with the caches holding other data, as in a step whose
@@ -264,8 +253,8 @@ def test_model_host_cost(ledger: Ledger, sizes: dict[str, Any], workload: str, r
     for _ in range(3):  # the optimizer's state; the first calls
         step.step(batches)
     rounds = max(sizes["rounds"], 60)  # 5 to 8 ms per step, its median drifting by 40% between runs: 60 rounds
-    seconds = ledger.time(run, rounds=rounds, warmup=2, batches=1, events=False, refill=refill,
+    seconds = ledger.time(partial(phases.step, batches), rounds=rounds, warmup=2, batches=1, events=False,
+                          refill=refill,
                           work={"workload": workload, "recipe": recipe, "batch": case.batch, "seq_len": case.seq_len})
     ledger.record(workload=workload, recipe=recipe, model=case.workload, batch=case.batch, seq_len=case.seq_len,
-                  phase_median_s=None if seconds is None else {
-                      p: statistics.median(v[-rounds:]) for p, v in phases.items()})
+                  phase_median_s=phases.median(None if seconds is None else rounds))

@@ -16,7 +16,7 @@ import torch
 from benchmarks.performance.conftest import Ledger
 from torchledger.formulas import flops as F
 from torchledger.formulas.hardware import lookup_device, matmul_intensity
-from torchledger.formulas.steptime import optimizer_ops
+from torchledger.formulas.steptime import Op, optimizer_ops
 from torchledger.measuring.gpu_state import GpuStateSampler, cuda_uuid
 from torchledger.measuring.timing import agrees_with_do_bench
 
@@ -53,22 +53,28 @@ def test_optimizer_update(ledger: Ledger, sizes: dict[str, Any]) -> None:
     ran 41 to 86 GB/s where ``x.mul_`` ran 60 to 114, and the whole update took 10.6 to 11.5 ms against 7.3 to 9.4
     predicted at the ``x.mul_`` bandwidth. ``bytes`` and ``launches`` are those the op list gives this update; the
     calibration takes the launches' host cost off the time before dividing."""
-    dims = sizes["mlp"]
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(shape, device=ledger.device))
-              for d_in, d_out in pairwise(dims) for shape in ((d_out, d_in), (d_out,))]
+    shapes = [shape for d_in, d_out in pairwise(sizes["mlp"]) for shape in ((d_out, d_in), (d_out,))]
+    optimizer, ops = adamw_update([torch.randn(shape, device=ledger.device) for shape in shapes],
+                                  "cuda" if ledger.cuda else "cpu")
+    n, params = sum(p.numel() for p in optimizer.param_groups[0]["params"]), len(shapes)
+    nbytes = sum(op.bytes for op in ops)
+    ledger.time(optimizer.step, rounds=max(sizes["rounds"], 10), warmup=2, bytes_moved=nbytes, refill=_nothing,
+                work={"optimizer": "adamw", "impl": "foreach", "params": n, "tensors": params})
+    ledger.record(optimizer="adamw", impl="foreach", params=n, tensors=params, bytes=nbytes,
+                  launches=sum(op.launches * op.count for op in ops))
+
+
+def adamw_update(values: list[torch.Tensor], kind: str) -> tuple[torch.optim.AdamW, list[Op]]:
+    """An AdamW (foreach) optimizer over parameters holding ``values``, each with a random gradient, its state made
+    by one step; with the op list of its update on a device of ``kind``."""
+    params = [torch.nn.Parameter(v) for v in values]
     for p in params:
         p.grad = torch.randn_like(p)
     optimizer = torch.optim.AdamW(params, foreach=True)
     optimizer.step()  # the state
-    n = sum(p.numel() for p in params)
-    ops = optimizer_ops(n, len(params), optimizer="adamw", optimizer_impl="foreach",
-                        device="cuda" if ledger.cuda else "cpu")
-    nbytes = sum(op.bytes for op in ops)
-    ledger.time(optimizer.step, rounds=max(sizes["rounds"], 10), warmup=2, bytes_moved=nbytes, refill=_nothing,
-                work={"optimizer": "adamw", "impl": "foreach", "params": n, "tensors": len(params)})
-    ledger.record(optimizer="adamw", impl="foreach", params=n, tensors=len(params), bytes=nbytes,
-                  launches=sum(op.launches * op.count for op in ops))
+    return optimizer, optimizer_ops(sum(p.numel() for p in params), len(params), optimizer="adamw",
+                                    optimizer_impl="foreach", device=kind)
 
 
 def _nothing() -> None:

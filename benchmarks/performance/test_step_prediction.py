@@ -35,6 +35,7 @@ from benchmarks.performance.test_launch import HostStep, model_launches
 from benchmarks.performance.test_matmul_shapes import DTYPES as MATMUL_DTYPES
 from benchmarks.performance.test_matmul_shapes import _operands
 from benchmarks.performance.test_precision import _step_case
+from benchmarks.performance.test_roofline import adamw_update
 from torchledger.formulas.specs import get_preset
 from torchledger.formulas.steptime import (
     LAUNCH_OVERHEAD_S,
@@ -42,8 +43,8 @@ from torchledger.formulas.steptime import (
     KernelPoint,
     MatmulPoint,
     Op,
+    achieved_bandwidth,
     mlp_step_ops,
-    optimizer_ops,
     step_time,
     transformer_step_ops,
 )
@@ -106,8 +107,9 @@ def _calibration(times: dict[tuple[Any, ...], float], work: dict[tuple[Any, ...]
         else:
             kernels.append(KernelPoint(key[1], key[2], work[key], work[key] / seconds))
     # AdamW's own update (as test_optimizer_update): its op list's bytes over its time less its launches' host cost
-    device_s = adamw_s - sum(op.launches * op.count for op in adamw) * host["optimizer"]
-    optimizer = {"adamw.foreach": sum(op.bytes for op in adamw) / device_s} if device_s > 0 else {}
+    bandwidth = achieved_bandwidth(sum(op.bytes for op in adamw), sum(op.launches * op.count for op in adamw),
+                                   adamw_s, host["optimizer"])
+    optimizer = {} if bandwidth is None else {"adamw.foreach": bandwidth}
     return Calibration("this round", {d: tuple(p) for d, p in matmul.items()}, 2 * nbytes / copy_s,
                        LAUNCH_OVERHEAD_S["cpu"], "cpu", host_s=host, kernels=tuple(kernels),
                        update_bandwidth=2 * nbytes / update_s, optimizer_bandwidth=optimizer)
@@ -132,13 +134,7 @@ def test_step_prediction_same_rounds(ledger: Ledger, sizes: dict[str, Any], work
     src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     # an AdamW (foreach) step over parameters of the step's own shapes, beside the step's own optimizer
-    params = [torch.nn.Parameter(p.detach().clone()) for p in step.model.parameters()]
-    for p in params:
-        p.grad = torch.randn_like(p)
-    adamw = torch.optim.AdamW(params, foreach=True)
-    adamw.step()  # the state
-    adamw_ops = optimizer_ops(sum(p.numel() for p in params), len(params), optimizer="adamw",
-                              optimizer_impl="foreach", device="cpu")
+    adamw, adamw_ops = adamw_update([p.detach().clone() for p in step.model.parameters()], "cpu")
     probes: dict[tuple[Any, ...], Callable[[], object]] = {
         **calls, ("copy",): lambda: dst.copy_(src), ("update",): lambda: src.mul_(1.0), ("adamw",): adamw.step}
     host = _host_s(ledger)

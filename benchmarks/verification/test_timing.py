@@ -388,6 +388,10 @@ def test_phase_times_sum_each_phase_over_the_micro_batches() -> None:
     on_cuda = perf.PhaseTimes(step, "cuda")  # no marks: a phase's end is unknown without a synchronize
     on_cuda.step(batches)
     assert on_cuda.calls == [] and on_cuda.median(5) is None
+    syncs: list[None] = []  # given a synchronize, every phase's end calls it: 2 x 2 phases, the optimizer's, the end
+    synced = perf.PhaseTimes(step, "cuda", sync=lambda: syncs.append(None))
+    synced.step(batches)
+    assert len(syncs) == 6 and len(synced.calls) == 1
 
 
 # --- the suite's options ------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ recipe's compute dtype.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from typing import Any
@@ -63,9 +64,25 @@ from .specs import MLPSpec, ModelSpec, check_seq_len, param_counts
 from .vocabulary import OPTIMIZER_IMPLS, OPTIMIZERS, STEP_CHECKPOINTING, checkpointed_blocks
 
 __all__ = [
-    "BOUNDS", "DATASHEET_EFFICIENCY", "KERNELS", "LAUNCH_OVERHEAD_S", "LAYOUTS", "PHASES", "Calibration", "KernelPoint",
-    "MachineSpeed", "MatmulPoint", "Op",
-    "PhaseTime", "StepTime", "datasheet_calibration", "mlp_step_ops", "op_seconds", "optimizer_ops", "step_time",
+    "BOUNDS",
+    "DATASHEET_EFFICIENCY",
+    "KERNELS",
+    "LAUNCH_OVERHEAD_S",
+    "LAYOUTS",
+    "PHASES",
+    "Calibration",
+    "KernelPoint",
+    "MachineSpeed",
+    "MatmulPoint",
+    "Op",
+    "PhaseTime",
+    "StepTime",
+    "achieved_bandwidth",
+    "datasheet_calibration",
+    "mlp_step_ops",
+    "op_seconds",
+    "optimizer_ops",
+    "step_time",
     "transformer_step_ops",
 ]
 
@@ -166,12 +183,9 @@ class MachineSpeed:
         if not speeds:
             raise ValueError("speeds must hold at least one MachineSpeed")
 
-        def mid(values: list[float]) -> float:
-            values = sorted(values)
-            half = len(values) // 2
-            return values[half] if len(values) % 2 else (values[half - 1] + values[half]) / 2
-        return MachineSpeed(mid([s.matmul_flops_per_s for s in speeds]), mid([s.copy_bytes_per_s for s in speeds]),
-                            mid([s.host_op_s for s in speeds]))
+        return MachineSpeed(statistics.median(s.matmul_flops_per_s for s in speeds),
+                            statistics.median(s.copy_bytes_per_s for s in speeds),
+                            statistics.median(s.host_op_s for s in speeds))
 
     def scale(self, kind: str, value: float, to: MachineSpeed) -> float:
         """``value``, measured at this speed, at the speed ``to``: a rate of ``kind`` ``"compute"`` (FLOP/s, units/s)
@@ -368,6 +382,14 @@ def op_seconds(op: Op, cal: Calibration) -> tuple[float, float, float]:
     if bandwidth is None:
         bandwidth = cal.update_bandwidth if op.in_place and cal.update_bandwidth else cal.bandwidth
     return compute, op.bytes / bandwidth, op.launches * cal.per_launch(op.phase)
+
+
+def achieved_bandwidth(moved: float, launches: int, seconds: float, per_launch: float) -> float | None:
+    """Bytes per second an op sequence reached (an optimizer's update, as ``optimizer_bandwidth`` holds it):
+    ``moved`` bytes over ``seconds`` less its ``launches`` at ``per_launch`` seconds of host cost each; None where the
+    launches take the whole time."""
+    device = seconds - launches * per_launch
+    return moved / device if device > 0 else None
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ from torchledger.formulas.steptime import (
     KernelPoint,
     MachineSpeed,
     MatmulPoint,
+    achieved_bandwidth,
     op_seconds,
     transformer_step_ops,
 )
@@ -252,11 +253,10 @@ def _optimizer_bandwidth(cal: Calibration, reference: MachineSpeed | None, moved
     per_launch = cal.per_launch("optimizer")
     if speed is not None and reference is not None:
         per_launch = reference.scale("host", per_launch, speed)
-    device = median - launches * per_launch
-    if device <= 0:
-        return None
-    bandwidth = moved / device
-    return speed.scale("memory", bandwidth, reference) if speed is not None and reference is not None else bandwidth
+    bandwidth = achieved_bandwidth(moved, launches, median, per_launch)
+    if bandwidth is None or speed is None or reference is None:
+        return bandwidth
+    return speed.scale("memory", bandwidth, reference)
 
 
 def _model_host_s(cal: Calibration, key: tuple[str, str], floor: tuple[int, int, dict[str, float]]
