@@ -129,13 +129,19 @@ class Param:
 @dataclass
 class Node:
     """An autograd node: ``out`` receives the gradient; ``grads`` are (target, bytes, label, cast bytes) made by its
-    backward, target a tensor or a :class:`Param`; ``saved`` are released after it runs."""
+    backward, target a tensor or a :class:`Param`; ``reduced`` are made after it by the engine, which sums a
+    gradient over the dimensions its input was broadcast along (``validate_outputs``' ``sum_to``: the bias of
+    ``addmm``); ``saved`` are released after it runs, or, in a checkpointed block's recomputation, before
+    ``reduced``: the checkpoint hands each saved tensor over once (its unpack hook drops its own reference), so it
+    dies with the node's own locals, where autograd releases saved variables after ``validate_outputs``."""
 
     label: str
     out: int | None
     grads: list[tuple[int | Param, int, str, int]] = field(default_factory=list)
     saved: list[int] = field(default_factory=list)
     backward: Callable[[Node], None] | None = None
+    reduced: list[tuple[int | Param, int, str, int]] = field(default_factory=list)
+    recomputed: bool = False
 
 
 class Graph:
@@ -169,8 +175,9 @@ class Graph:
 
     def node(self, label: str, out: int | None, saved: Sequence[int] = (),
              grads: Sequence[tuple[int | Param, int, str, int]] = (),
-             backward: Callable[[Node], None] | None = None) -> Node:
-        n = Node(label, out, list(grads), [], backward)
+             backward: Callable[[Node], None] | None = None,
+             reduced: Sequence[tuple[int | Param, int, str, int]] = ()) -> Node:
+        n = Node(label, out, list(grads), [], backward, list(reduced), self.mode == "recompute")
         for t in saved:
             self.save(n, t)
         self.nodes.append(n)
@@ -220,6 +227,9 @@ class Graph:
             return
         gout = self.buffer.pop(n.out) if n.out is not None and n.out in self.buffer else None
         made = [(target, self.new(size, n.label + " " + what), cast, what) for target, size, what, cast in n.grads]
+        if n.recomputed:
+            self.release(n)
+        made += [(target, self.new(size, n.label + " " + what), cast, what) for target, size, what, cast in n.reduced]
         self.release(n, gout)
         for target, grad, cast, what in made:
             if cast:  # the backward of autocast's cast (_to_copy): the gradient in the source's dtype
@@ -316,10 +326,11 @@ class _Step:
         if needs_input_grad:
             grads.append((target, rows * in_features * self.c, "input grad", in_cast))
         grads.append((w, w.numel * self.c if self.r.autocast else w.numel * self.g, "weight grad", w_cast))
-        if bias is not None:
-            grads.append((bias, bias.numel * (self.c if self.r.autocast else self.g), "bias grad",
-                          bias.numel * self.g if self.r.autocast else 0))
-        G.node(label, out, saved, grads)
+        reduced: list[tuple[int | Param, int, str, int]] = []
+        if bias is not None:  # addmm broadcasts the bias: its gradient is the engine's sum of the output's
+            reduced.append((bias, bias.numel * (self.c if self.r.autocast else self.g), "bias grad",
+                            bias.numel * self.g if self.r.autocast else 0))
+        G.node(label, out, saved, grads, reduced=reduced)
         if cast_input:
             G.drop(inp)
         return out
@@ -347,10 +358,13 @@ class _Step:
             G.route(logits, d_logits)
 
         G.node("loss", None, [logp], backward=backward)
+        # nll_loss's output and total_weight (fp32 scalars) are made while autocast's fp32 copy of the logits still
+        # lives: cross_entropy is one composite op, and autocast holds the copy it passed in until the op returns
+        loss = G.new(8, "nll_loss")
         if src != logits:
             G.drop(src)
         G.drop(logp)
-        return G.new(8, "loss"), logp
+        return loss, logp
 
     def backward(self) -> None:
         G = self.graph

@@ -434,13 +434,16 @@ def build_transformer(
 
 def token_batch(spec: ModelSpec, batch: int, seq_len: int, *, device: str | torch.device = "cpu",
                 seed: int = 0) -> tuple[Tensor, Tensor]:
-    """Random token ids and next-token targets, (B, T) int64 each (empty tensors on the meta device)."""
+    """Random token ids and next-token targets, (B, T) int64 each, each with its own storage of B T 8 bytes (empty
+    tensors on the meta device). NB: both are copied out of the (B, T + 1) ids; at batch 1 ``contiguous()`` would
+    return views sharing that storage, 8 bytes more than the two tensors, which a storage tracker then counts."""
     if torch.device(device).type == "meta":
         idx = torch.empty(batch, seq_len, dtype=torch.long, device=device)
         return idx, torch.empty_like(idx)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, spec.vocab_size, (batch, seq_len + 1), generator=gen)
-    return ids[:, :-1].contiguous().to(device), ids[:, 1:].contiguous().to(device)
+    return (ids[:, :-1].clone(memory_format=torch.contiguous_format).to(device),
+            ids[:, 1:].clone(memory_format=torch.contiguous_format).to(device))
 
 
 class Int8Linear(nn.Module):
