@@ -536,9 +536,8 @@ class _TransformerStep(_Step):
                  routing: Sequence[Sequence[int]] | None = None) -> None:
         self.family: FamilyDescription = spec.description
         params, self.ps = transformer_params(spec)
-        buffers = 2 * spec.max_seq_len * spec.head_dim * dtype_bytes(get_recipe(config.recipe).param_dtype) \
-            if self.family.rotary else 0
-        super().__init__(params, config, device, buffers)
+        self.buffers = self.buffer_bytes(spec, config)
+        super().__init__(params, config, device, self.buffers)
         self.spec, self.batch, self.seq = spec, batch, seq_len
         # a checkpointed block's last residual gradient, cast to 16 bits before its recomputation starts (see
         # checkpointed_block); the residual add's backward takes it instead of casting again
@@ -560,6 +559,12 @@ class _TransformerStep(_Step):
         self.res = self.p
         # LayerNorm's mean and rstd: fp32, but kept in the input's 16-bit dtype on the CPU
         self.stats = 4 if (self.r.autocast or self.tl.terms.fp32_layer_norm_stats) else self.p
+
+    def buffer_bytes(self, spec: ModelSpec, config: StepConfig) -> int:
+        """The model's buffers, alive before the step: the reference's rotary cos and sin tables (max_seq_len x
+        head_dim each, in the parameters' dtype)."""
+        return 2 * spec.max_seq_len * spec.head_dim * dtype_bytes(get_recipe(config.recipe).param_dtype) \
+            if spec.description.rotary else 0
 
     # -- pieces of a block
     def layer_norm(self, label: str, x: int, w: Param, b: Param | None) -> int:

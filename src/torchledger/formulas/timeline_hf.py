@@ -131,13 +131,12 @@ class _HFStep(_TransformerStep):
         self.cos = self.sin = self.mask = -1  # the forward's rotary tables and Mistral's window mask
         self.saved: dict[str, int] = {}  # bytes saved for backward at the end of the first forward, by part
         self.residual: dict[int, tuple[int, int]] = {}  # a residual sum's output -> its operands
-        if spec.family == "llama":
-            # the reference's cos/sin tables are buffers; transformers' model holds inv_freq and original_inv_freq
-            # (head_dim / 2 each) and computes the tables in each forward
-            for t in range(len(self.params), self.tl._next):
-                if self.tl._cat.get(t) == "params":
-                    self.tl.unref(t)
-            self.tl.alloc(spec.head_dim * self.p, "inv_freq, original_inv_freq", "params")
+
+    def buffer_bytes(self, spec: ModelSpec, config: StepConfig) -> int:
+        """transformers' LLaMA and Mistral hold ``inv_freq`` and ``original_inv_freq`` (head_dim / 2 each, fp32 in
+        every recipe: the rope init computes them from an fp32 arange, and from_config's dtype leaves buffers as
+        made) where the reference holds its cos and sin tables, and compute the tables in each forward."""
+        return spec.head_dim * 4 if spec.family == "llama" else 0
 
     # -- helpers
     def _release_saved(self, n: Node, *ts: int) -> None:
@@ -532,7 +531,8 @@ class _HFStep(_TransformerStep):
                 # sdpa_mask builds a boolean 1 x 1 x T x T (expanded over the batch)
                 self.mask = G.new(T * T, "sliding window mask")
             # LlamaRotaryEmbedding: position_ids[..., None].float() * inv_freq, cat, cos and sin (each times the
-            # attention scaling: a second tensor)
+            # attention scaling: a second tensor), returned as ``.to(x.dtype)``: copies in the hidden states' dtype
+            # where the weights are 16-bit (a *-true recipe; under autocast the embeddings stay fp32)
             hd = s.head_dim
             pos_f = G.new(T * 4, "rotary position ids float")
             freqs = G.new(T * hd // 2 * 4, "rotary freqs")
@@ -544,6 +544,10 @@ class _HFStep(_TransformerStep):
                 raw = G.new(T * hd * 4, f"rotary {name}")
                 tables.append(G.new(T * hd * 4, f"rotary {name} * attention_scaling"))
                 G.drop(raw)
+            if self.p != 4:
+                fp32 = tables
+                tables = [G.new(T * hd * self.p, f"rotary {name} to the hidden dtype") for name in ("cos", "sin")]
+                G.drop(*fp32)
             G.drop(cat)
             self.cos, self.sin = tables
             self.hold = [self.cos, self.sin, pos, *([self.mask] if self.mask >= 0 else [])]
@@ -652,8 +656,7 @@ def hf_train_peak_bytes(
         head=saved["total"] - layers - saved["embedding"],
         logits=batch * seq_len * spec.vocab_size * dtype_bytes(r.compute_dtype), autocast_copies=0, saved_copies=0,
         recompute_layer=0, layer_items=(), checkpointing=checkpointing)
-    buffers = spec.head_dim * dtype_bytes(r.param_dtype) if spec.family == "llama" else 0
     return TrainPeak(
         states=model_state_bytes(param_counts(spec).total, recipe, optimizer), activations=acts,
-        phases={k: m.total for k, m in walk.phases.items()}, grad_accum=grad_accum, buffers=buffers,
+        phases={k: m.total for k, m in walk.phases.items()}, grad_accum=grad_accum, buffers=step.buffers,
         moment=walk.peak.name, by_category=dict(walk.peak.by_category))
