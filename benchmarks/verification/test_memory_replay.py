@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from torch import nn
 
 from torchledger.formulas.device import cublas_workspace_bytes
 from torchledger.formulas.memory import dtype_bytes, get_recipe
 from torchledger.formulas.specs import get_preset
 from torchledger.measuring import training
+from torchledger.measuring.memory import MemoryMeasurement
 from torchledger.measuring.training import MemoryCase, predict_inference, relative_error
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -242,16 +244,19 @@ def test_a_cuda_measurement_collects_garbage_before_its_baseline(kind: str, monk
         def step(self, batches: object) -> None:
             pass
 
+        def warm_up(self, batches: object) -> int:
+            return 1
+
     monkeypatch.setattr(training, "cuda_warmup", lambda device: 0)
     monkeypatch.setattr(training, "cuda_allocated", allocated)
-    monkeypatch.setattr(training, "measure_cuda", lambda fn, **kwargs: fn())
-    monkeypatch.setattr(training, "_inference_run", lambda case, device: (None, lambda: None, None, None))
+    monkeypatch.setattr(training, "measure_cuda", lambda fn, **kwargs: (fn(), MemoryMeasurement("cuda", 0))[1])
+    monkeypatch.setattr(training, "_inference_run", lambda case, device: (nn.Module(), lambda: None, None, None))
     enabled = gc.isenabled()
     gc.disable()  # only an explicit collection may free it
     try:
         assert ref() is not None
         if kind == "training":
-            training.measure_built(lambda: (None, Step(), []), "cuda")  # type: ignore[arg-type, return-value]
+            training.measure_built(lambda: (nn.Module(), Step(), []), "cuda")  # type: ignore[arg-type, return-value]
         else:
             training.measure_inference(MemoryCase("gpt-tiny", 1, training.TrainConfig(), seq_len=8), "cuda")
     finally:

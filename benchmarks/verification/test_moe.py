@@ -4,6 +4,8 @@ and measured on the CPU, and Mixtral's config.json read."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -215,6 +217,36 @@ def test_saved_activations_do_not_depend_on_the_balance() -> None:
     a = train_peak_bytes(TINY, 4, 128, recipe="bf16-mixed", optimizer="sgd", routing=even)
     b = train_peak_bytes(TINY, 4, 128, recipe="bf16-mixed", optimizer="sgd", routing=skewed)
     assert a.by_category["activations"] - b.by_category["activations"] == 3 * 3 * 128 * 344 * 2 * 2
+
+
+def test_an_expert_no_token_chose_gets_no_gradient_and_no_update() -> None:
+    # AdamW foreach takes torch._foreach_sqrt of exp_avg_sq for the parameters with a gradient only: with expert 0
+    # of block 1 unvisited, its gate, up and down (3 x 128 x 344 fp32 each) have none, and the sqrt is smaller by them
+    even = balanced_routing(TINY, 2 * 64)
+    skewed = [list(even[0]), [0, 128, 64, 64]]
+    a = train_peak_bytes(TINY, 2, 64, routing=even)
+    b = train_peak_bytes(TINY, 2, 64, routing=skewed)
+    assert a.moment == b.moment == "optimizer: adamw foreach sqrt"
+    expert = 3 * 128 * 344 * 4
+    assert a.by_category["grads"] - b.by_category["grads"] == expert
+    assert a.by_category["temporaries"] - b.by_category["temporaries"] == expert
+    # after the backward only the caller's targets (2 x 64 int64) are left of what the step made: the router's
+    # softmax is the forward's local, freed as the block returns, and its saved reference as its backward runs
+    assert a.by_category["activations"] == 2 * 64 * 8
+
+
+def test_measure_predicts_from_the_routing_the_step_took(capsys: pytest.CaptureFixture[str]) -> None:
+    from torchledger.cli import main
+
+    # a batch whose router leaves one expert without a token (checked below), the case that tells the routing apart
+    assert main(["measure", "--device", "cpu", "--model", "mixtral-tiny", "--batch-size", "2", "--seq-len", "64",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    routing = out["measured"]["routing"]
+    assert [sum(block) for block in routing] == [2 * 64 * 2] * 2  # N tokens x top-2, per block
+    assert 0 in routing[0] + routing[1]
+    assert out["predicted"]["by_category"] == out["measured"]["by_category"]
+    assert out["predicted"]["peak"] == out["measured"]["peak"]
 
 
 def test_simulation_routes_as_the_prediction_assumes() -> None:

@@ -2,8 +2,8 @@
 
 - :func:`count_flops`: the FLOPs of ``module(*inputs)`` (and its backward) as module hooks, the dispatcher's
   ``FlopCounterMode`` and, when asked, ``torch.profiler`` count them (:mod:`torchledger.counting`).
-- :func:`measure_step`: the peak memory of one steady-state training step of the module (after a warm-up step that
-  creates the optimizer state), broken down by category (:mod:`torchledger.measuring.memory`), on the CPU, on CUDA,
+- :func:`measure_step`: the peak memory of one steady-state training step of the module (after the warm-up steps
+  that create the optimizer state), broken down by category (:mod:`torchledger.measuring.memory`), on the CPU, on CUDA,
   or simulated under ``FakeTensorMode`` (nothing allocated).
 """
 
@@ -156,9 +156,9 @@ def measure_step(
     device: str = "cpu",
     simulate: bool = False,
 ) -> MemoryMeasurement:
-    """The measured peak of one steady-state training step of ``module``: a warm-up step creates the optimizer
-    state, then the next step is measured; ``peak`` and ``by_category`` (params, grads, optimizer, activations,
-    temporaries; on CUDA also ``allocator_overhead``), whose sum is the peak.
+    """The measured peak of one steady-state training step of ``module``: warm-up steps create the optimizer
+    state (:meth:`TrainStep.warm_up`), then the next step is measured; ``peak`` and ``by_category`` (params,
+    grads, optimizer, activations, temporaries; on CUDA also ``allocator_overhead``), whose sum is the peak.
 
     ``loss_fn(module, batch)`` returns the loss (or ``(output, loss)``); ``batches`` holds the step's ``grad_accum``
     micro-batches, each a tensor or a tuple of tensors (floating ones are cast to the parameters' dtype). The step

@@ -246,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     mea = sub.add_parser(
         "measure",
         help="run one training step and print its measured peak memory beside the prediction",
-        description="Run one steady-state training step (after a warm-up step) and print the measured peak memory "
+        description="Run one steady-state training step (after warm-up steps that create the optimizer state) and "
+        "print the measured peak memory "
         "beside the predicted one. --model also takes the reference workloads 'mlp' and 'cnn'. Exit status: 0 "
         "measured, 1 out of memory (refused before running when the predicted peak exceeds the free memory), 2 bad "
         f"usage. --grad-accum is at most {MEASURE_MAX_GRAD_ACCUM} (every micro-batch runs).",
@@ -755,6 +756,10 @@ def _run_measure(args: argparse.Namespace) -> int:
         return _out_of_memory(device, predicted.peak, _free_bytes(device))
     if first:
         raise UsageError(f"torchledger measure: error: {args.precision} on {device}: {first}")
+    if measured.routing is not None and not args.simulate:  # a Mixture of Experts routes by the data: predict the
+        # step from the routing it took (a simulation routes as if balanced, as the prediction does without it)
+        predicted = training.predict_inference(case, measured.routing) if args.inference else \
+            case.predict(terms, measured.routing)
     error_pct = 100 * relative_error(predicted.peak, measured.peak)
     pred_cats = dict(predicted.breakdown())
     if ALLOCATOR_OVERHEAD in measured.by_category:
@@ -773,6 +778,8 @@ def _run_measure(args: argparse.Namespace) -> int:
         "predicted": {"peak": predicted.peak, "by_category": pred_cats, "moment": moment},
         "error_pct": error_pct,
     }
+    if measured.routing is not None:
+        result["measured"]["routing"] = measured.routing
     if snapshot is not None:
         result["snapshot"] = str(snapshot)
     if not args.inference:
@@ -795,6 +802,9 @@ def _run_measure(args: argparse.Namespace) -> int:
               f"{format_bytes(want) if want is not None else '-':>12}")
     print(f"  {'peak':<{width}} {format_bytes(measured.peak):>12} {format_bytes(predicted.peak):>12}"
           f"  ({error_pct:.2f}% apart; predicted at {moment})")
+    if measured.routing is not None:
+        how = "as if balanced" if args.simulate else "the rows each expert received in the measured step"
+        print(f"  routing: {how} (per block: {', '.join('/'.join(map(str, b)) for b in measured.routing)})")
     if snapshot is not None:
         print(f"  memory history written to {snapshot} (open it in https://pytorch.org/memory_viz)")
     return 0

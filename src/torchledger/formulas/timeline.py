@@ -349,7 +349,10 @@ class _Step:
         cast = rows * classes * self.c if self.r.autocast and not direct else 0
 
         def backward(n: Node) -> None:
+            gout = G.buffer.pop(loss, None)  # the loss's gradient (from the caller's division)
             d_nll = G.new(rows * classes * self.lp, "nll_loss grad")
+            n.saved.remove(total_weight)  # nll_loss's backward returns: its total_weight and gradient go
+            G.drop(total_weight, gout)
             d_logits = G.new(rows * classes * (self.c if direct else self.lp), "log_softmax grad")
             G.drop(d_nll)
             G.release(n)
@@ -357,10 +360,16 @@ class _Step:
                 d_logits = G.convert(d_logits, cast, "logits grad cast")
             G.route(logits, d_logits)
 
-        G.node("loss", None, [logp], backward=backward)
-        # nll_loss's output and total_weight (fp32 scalars) are made while autocast's fp32 copy of the logits still
-        # lives: cross_entropy is one composite op, and autocast holds the copy it passed in until the op returns
-        loss = G.new(8, "nll_loss")
+        loss = total_weight = -1  # made below, after the node that saves them
+        node = G.node("loss", None, [logp], backward=backward)
+        # nll_loss's output and total_weight (scalars) are made while autocast's fp32 copy of the logits still
+        # lives: cross_entropy is one composite op, and autocast holds the copy it passed in until the op returns;
+        # total_weight is saved for nll_loss's backward, which releases it
+        loss = G.new(self.lp, "nll_loss")  # scalars in the log-probabilities' dtype
+        node.out = loss
+        total_weight = G.new(self.lp, "nll_loss total_weight")
+        G.save(node, total_weight)
+        G.drop(total_weight)
         if src != logits:
             G.drop(src)
         G.drop(logp)
@@ -376,14 +385,17 @@ class _Step:
 
     # -- after the backward
     def finish(self) -> None:
-        """GradScaler's unscale and inf check (``16-mixed``), clipping, the optimizer step, ``zero_grad``."""
+        """GradScaler's unscale and inf check (``16-mixed``), clipping, the optimizer step, ``zero_grad``: each over
+        the parameters that have a gradient (a Mixture of Experts' expert that no token chose has none)."""
         tl = self.tl
         tl.phase = "optimizer"
-        n = len(self.params)
+        n = len(self.updated())
         if self.config.recipe == "16-mixed":
-            # _amp_foreach_non_finite_check_and_unscale_ works in place; the inverse scale and found-inf flag
-            for label in ("inverse scale", "found inf"):
-                tl.alloc(4, f"grad scaler {label}")
+            # unscale_: _amp_foreach_non_finite_check_and_unscale_ works in place; its inverse scale is a local of
+            # unscale_, freed as it returns, and the found-inf flag is kept for step() and update()
+            inverse = tl.alloc(4, "grad scaler inverse scale")
+            tl.alloc(4, "grad scaler found inf")
+            tl.unref(inverse)
         if self.config.clip:
             # clip_grad_norm_ (foreach): _foreach_norm makes one norm per tensor, stack and vector_norm the total;
             # _foreach_mul_ scales the gradients in place
@@ -406,7 +418,7 @@ class _Step:
         tl, c = self.tl, self.config
         name = f"{c.optimizer} {c.optimizer_impl}"
         # a master recipe first copies the 16-bit gradients into fp32 for the update of the fp32 master weights
-        master_grads = [tl.alloc(q.numel * self.master, f"{q.name} fp32 gradient") for q in self.params] \
+        master_grads = [tl.alloc(q.numel * self.master, f"{q.name} fp32 gradient") for q in self.updated()] \
             if self.master else []
         self._optimizer_temporaries(name)
         for t in master_grads:
@@ -418,13 +430,14 @@ class _Step:
             tl.alloc(0, name)
             return
         if c.optimizer_impl == "foreach":
-            tl.alloc(4, f"{name} step increment")  # the scalar tensor _foreach_add_ adds to the step counters
-            sqrt = [tl.alloc(q.numel * self.s, f"{name} sqrt") for q in self.params]
+            # the scalar tensor _foreach_add_ adds to the step counters, freed as that op returns
+            tl.unref(tl.alloc(4, f"{name} step increment"))
+            sqrt = [tl.alloc(q.numel * self.s, f"{name} sqrt") for q in self.updated()]
             for t in sqrt:
                 tl.unref(t)
             return
         previous = None
-        for q in self.params:
+        for q in self.updated():
             root = tl.alloc(q.numel * self.s, f"{name} sqrt ({q.name})")
             denom = tl.alloc(q.numel * self.s, f"{name} denominator ({q.name})")
             tl.unref(root)
@@ -433,6 +446,10 @@ class _Step:
             previous = denom
         if previous is not None:
             tl.unref(previous)
+
+    def updated(self) -> list[Param]:
+        """The parameters with a ``.grad`` after the backward: what the optimizer, clipping and GradScaler see."""
+        return [q for q in self.params if q.grad is not None]
 
     def caller_bytes(self) -> int:
         """Bytes of one micro-batch's caller-owned batch that the measurement counts (an op outputs its storage) and
@@ -454,9 +471,30 @@ class _Step:
                               "activations")
             self.tl.phase = "forward"
             logits, loss = forward()
-            self.exit_autocast()
-            self.backward()
-            self.graph.drop(loss, logits)
+            self.backward_from(loss)
+            self.graph.drop(logits)
+
+    def backward_from(self, loss: int) -> None:
+        """What :class:`torchledger.workloads.train_step.TrainStep` does with the loss: ``loss / grad_accum`` (a new
+        scalar in the loss's dtype; the loss's own goes with the rebinding) under autocast, which then exits;
+        ``16-mixed``: ``GradScaler.scale(loss)``, an fp32 one; ``backward()``, whose gradient seed (``ones_like``) the
+        caller holds to the end with those scalars, and whose first nodes (the scale's ``mul``, the division) hand
+        the loss node its gradient: a scalar each."""
+        G = self.graph
+        size = self.tl.size(loss)
+        held = [G.new(size, "loss / grad_accum")]
+        G.drop(loss)
+        self.exit_autocast()
+        scaled = self.config.recipe == "16-mixed"
+        if scaled:
+            held.append(G.new(4, "GradScaler.scale(loss)"))
+        held.append(G.new(4 if scaled else size, "backward: gradient seed (ones_like)"))
+        G.tl.phase = "backward"
+        upstream = G.new(4, "backward: GradScaler.scale grad") if scaled else None
+        G.buffer[loss] = G.new(size, "backward: loss / grad_accum grad")
+        G.drop(upstream)
+        self.backward()
+        G.drop(*held)
 
 
 # ------------------------------------------------------------------------------------------------ the workloads
@@ -672,8 +710,28 @@ class _TransformerStep(_Step):
     def sdpa(self, label: str, q: int, k: int, v: int, qkv: int | None) -> int:
         """``scaled_dot_product_attention`` (flash kernel): output and fp32 log-sum-exp; saves q, k, v (views of
         the fused qkv for GPT-2), the output and the log-sum-exp. Backward: dq, dk, dv, then ``cat`` into the
-        fused qkv's gradient (GPT-2)."""
-        G, s, rows = self.graph, self.spec, self.rows
+        fused qkv's gradient (GPT-2).
+
+        A sliding window shorter than the sequence (Mistral): the reference's attention core builds the window
+        mask in every call (two int64 ``arange`` of T positions, ``le``, ``sub``, ``gt``, ``bitwise_and``: T x T
+        bools), and SDPA converts a boolean mask to the query's dtype (``where`` over two scalar tensors) and saves
+        that copy for the backward. NB: measured on the CPU's flash kernel; on CUDA a masked call runs the
+        memory-efficient kernel, whose own padding of the mask and of the log-sum-exp is not modelled."""
+        G, s, rows, T = self.graph, self.spec, self.rows, self.seq
+        window = s.sliding_window is not None and s.sliding_window < T
+        locals_: list[int] = []
+        mask = None
+        if window:
+            locals_ = [G.new(T * 8, f"{label} window query positions"), G.new(T * 8, f"{label} window key positions")]
+            le = G.new(T * T, f"{label} window le")
+            shifted = G.new(T * 8, f"{label} window positions - window")
+            gt = G.new(T * T, f"{label} window gt")
+            G.drop(shifted)
+            locals_.append(G.new(T * T, f"{label} window mask"))
+            G.drop(le, gt)
+            scalars = [G.new(self.c, f"{label} mask fill {what}") for what in ("0", "-inf")]
+            mask = G.new(T * T * self.c, f"{label} mask in the query's dtype")
+            G.drop(*scalars)
         out = G.new(rows * s.q_dim * self.c, label)
         lse = G.new(self.batch * s.n_heads * self.seq * 4, f"{label} logsumexp")
         sizes = (rows * s.q_dim * self.c, rows * s.kv_dim * self.c, rows * s.kv_dim * self.c)
@@ -692,8 +750,8 @@ class _TransformerStep(_Step):
                     G.route(t, grad)
 
         saved = [qkv] if qkv is not None else [q, k, v]
-        G.node(label, out, [*saved, out, lse], backward=backward)
-        G.drop(lse)
+        G.node(label, out, [*saved, out, lse, *([mask] if mask is not None else [])], backward=backward)
+        G.drop(lse, mask, *locals_)
         return out
 
     def rotary(self, label: str, x: int, width: int, tables: Sequence[int] = ()) -> int:
@@ -955,7 +1013,7 @@ class _TransformerStep(_Step):
 
             add.backward = add_backward
             index_nodes.append(add)
-        G.drop(slots, rows, y, weights, indices, logits)
+        G.drop(slots, rows, y, weights, indices, probs, logits)  # the forward's locals, as it returns
         return out
 
     def _expert(self, x: str, gathered: int, n: int) -> int:

@@ -590,8 +590,10 @@ class _HFStep(_TransformerStep):
         total = G.new(4, "nll_loss total_weight")
 
         def backward(n: Node) -> None:
+            gout = G.buffer.pop(loss, None)  # the loss's gradient (from the caller's division)
             d_nll = G.new(rows * V * 4, "nll_loss grad")
             self._release_saved(n, shifted, total)
+            G.drop(gout)
             d_logp = G.new(rows * V * 4, "log_softmax grad")
             G.drop(d_nll)
             G.release(n)
@@ -599,7 +601,7 @@ class _HFStep(_TransformerStep):
                 d_logp = G.convert(d_logp, rows * V * c, "logits.float() grad cast")
             G.route(logits, d_logp)
 
-        n = G.node("loss", None, backward=backward)
+        n = G.node("loss", loss, backward=backward)
         self._save(n, shifted, total, logp)
         G.drop(shifted, total, logp, padded)
         if src != logits:

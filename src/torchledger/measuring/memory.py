@@ -47,6 +47,8 @@ class MemoryMeasurement:
     peak_op: str = ""  # the op whose output made the tracked peak ("" when not tracked)
     tracked_peak: int | None = None  # CUDA: the storage tracker's peak beside the allocator's
     library_workspaces: int | None = None  # CUDA: bytes cuBLAS made at warm-up, before the baseline
+    # a Mixture of Experts: the rows each expert of each block received in the measured call (its last forward)
+    routing: list[list[int]] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Predicted and measured peak memory of one training step of a reference workload: what ``torchledger measure``
 reports and what the memory verification tests compare.
 
-A case names a workload (a transformer preset, ``mlp`` or ``cnn``), its batch and a :class:`TrainConfig`. One
-warm-up step creates the optimizer state; the next step is measured (steady state, as the prediction assumes):
+A case names a workload (a transformer preset, ``mlp`` or ``cnn``), its batch and a :class:`TrainConfig`. Warm-up
+steps create the optimizer state (one, or as many as GradScaler skips while it lowers its initial scale); the next
+step is measured (steady state, as the prediction assumes):
 with the CUDA allocator on CUDA, with the live-storage tracker on the CPU, and under ``FakeTensorMode`` for the
 simulated path, which allocates nothing.
 """
@@ -10,7 +11,7 @@ simulated path, which allocates nothing.
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from torchledger.measuring.memory import (
     measure_cpu,
     measure_cuda,
 )
-from torchledger.workloads.models import CNN, MLP, build_transformer, token_batch
+from torchledger.workloads.models import CNN, MLP, MoE, build_transformer, token_batch
 from torchledger.workloads.train_step import (
     TrainConfig,
     TrainStep,
@@ -112,9 +113,10 @@ class MemoryCase:
     def transformer_spec(self) -> ModelSpec:
         return self.spec if self.spec is not None else get_preset(self.workload)
 
-    def predict(self, device: str = "cpu") -> TrainPeak:
+    def predict(self, device: str = "cpu", routing: Sequence[Sequence[int]] | None = None) -> TrainPeak:
         """The predicted step on ``device`` (``cpu``, ``cuda``, ``simulated``: the terms of
-        :mod:`torchledger.formulas.device` it includes)."""
+        :mod:`torchledger.formulas.device` it includes); a Mixture of Experts with ``routing``, the rows each
+        expert of each block received (:attr:`MemoryMeasurement.routing`), else routed as if balanced."""
         c = self.config
         common = {"recipe": c.precision, "optimizer": c.optimizer, "grad_accum": c.grad_accum,
                   "optimizer_impl": c.optimizer_impl, "clip": c.clip_grad_norm is not None, "device": device}
@@ -127,7 +129,7 @@ class MemoryCase:
             return hf_train_peak_bytes(self.transformer_spec(), profile, self.batch, self.seq_len,
                                        checkpointing=c.checkpointing, **common)  # type: ignore[arg-type]
         return train_peak_bytes(self.transformer_spec(), self.batch, self.seq_len, checkpointing=c.checkpointing,
-                                **common)  # type: ignore[arg-type]
+                                routing=routing, **common)  # type: ignore[arg-type]
 
     def build(self, device: str, *, fake: bool = False) -> tuple[nn.Module, TrainStep, list[tuple[Tensor, ...]]]:
         """The model, its training step and the step's micro-batches, on ``device``; ``fake=True`` (under a
@@ -197,20 +199,30 @@ def cuda_baseline(device: str) -> tuple[int, int]:
 
 def measure_built(build: Callable[[], Built], device: str, *, snapshot: str | Path | None = None
                   ) -> MemoryMeasurement:
-    """The steady-state step of what ``build()`` makes (the model, its step, the step's micro-batches): one warm-up
-    step creates the optimizer state, the next is measured. On CUDA the baseline is taken after the cuBLAS
+    """The steady-state step of what ``build()`` makes (the model, its step, the step's micro-batches): warm-up
+    steps create the optimizer state (:meth:`TrainStep.warm_up`: one, or more where GradScaler skips the first), the
+    next is measured. On CUDA the baseline is taken after the cuBLAS
     workspaces and before ``build()``, so the model states count and the batches are left out; elsewhere
     (``cpu``, or ``simulated`` under a FakeTensorMode the caller entered) the storage tracker measures."""
     if device.startswith("cuda"):
         workspaces, base = cuda_baseline(device)
         model, step, batches = build()
-        step.step(batches)  # optimizer state
-        return measure_cuda(lambda: step.step(batches), base=base, device=device, model=model,
-                            optimizer=step.optimizer, inputs=[t for b in batches for t in b],
-                            library_workspaces=workspaces, snapshot=snapshot)
-    model, step, batches = build()
-    step.step(batches)
-    return measure_cpu(lambda: step.step(batches), model, step.optimizer, device=device, snapshot=snapshot)
+        step.warm_up(batches)  # optimizer state
+        measured = measure_cuda(lambda: step.step(batches), base=base, device=device, model=model,
+                                optimizer=step.optimizer, inputs=[t for b in batches for t in b],
+                                library_workspaces=workspaces, snapshot=snapshot)
+    else:
+        model, step, batches = build()
+        step.warm_up(batches)
+        measured = measure_cpu(lambda: step.step(batches), model, step.optimizer, device=device, snapshot=snapshot)
+    measured.routing = moe_routing(model)
+    return measured
+
+
+def moe_routing(model: nn.Module) -> list[list[int]] | None:
+    """The rows each expert of each Mixture-of-Experts block of the reference transformer received in its last
+    forward (:attr:`torchledger.workloads.models.MoE.tokens_per_expert`); None for a model without one."""
+    return [list(m.tokens_per_expert) for m in model.modules() if isinstance(m, MoE)] or None
 
 
 def check_simulable(precision: str) -> None:
@@ -225,11 +237,13 @@ def measure(case: MemoryCase, device: str, *, snapshot: str | Path | None = None
     return measure_built(lambda: case.build(device), device, snapshot=snapshot)
 
 
-def predict_inference(case: MemoryCase) -> InferencePeak:
-    """The prefill peak of a transformer case (batch x seq_len prompt) in the case's ``*-true`` recipe."""
+def predict_inference(case: MemoryCase, routing: Sequence[Sequence[int]] | None = None) -> InferencePeak:
+    """The prefill peak of a transformer case (batch x seq_len prompt) in the case's ``*-true`` recipe; a Mixture of
+    Experts with ``routing`` as :meth:`MemoryCase.predict` takes it."""
     if case.workload in REFERENCE_WORKLOADS:
         raise ValueError(f"workload={case.workload!r}: inference with a KV cache needs a transformer")
-    return inference_peak_bytes(case.transformer_spec(), case.batch, case.seq_len, recipe=case.config.precision)
+    return inference_peak_bytes(case.transformer_spec(), case.batch, case.seq_len, recipe=case.config.precision,
+                                routing=routing)
 
 
 def _inference_run(case: MemoryCase, device: str) -> tuple[nn.Module, Callable[[], object], StorageTracker,
@@ -260,10 +274,13 @@ def measure_inference(case: MemoryCase, device: str, *, snapshot: str | Path | N
         workspaces, base = cuda_baseline(device)
         model, run, tracker, idx = _inference_run(case, device)
         run()  # kernels' one-time allocations
-        return measure_cuda(run, base=base, device=device, model=model, tracker=tracker, inputs=[idx],
-                            library_workspaces=workspaces, snapshot=snapshot)
-    model, run, tracker, _ = _inference_run(case, device)
-    return measure_cpu(run, model, device=device, tracker=tracker, snapshot=snapshot)
+        measured = measure_cuda(run, base=base, device=device, model=model, tracker=tracker, inputs=[idx],
+                                library_workspaces=workspaces, snapshot=snapshot)
+    else:
+        model, run, tracker, _ = _inference_run(case, device)
+        measured = measure_cpu(run, model, device=device, tracker=tracker, snapshot=snapshot)
+    measured.routing = moe_routing(model)
+    return measured
 
 
 def simulate_inference(case: MemoryCase, *, snapshot: str | Path | None = None) -> MemoryMeasurement:

@@ -125,6 +125,19 @@ class TrainStep:
             mark("end")
 
 
+    def warm_up(self, micro_batches: Sequence[tuple[Tensor, ...]], *, limit: int = 32) -> int:
+        """Run steps until the optimizer has stepped once, so that its state exists (the steady state): one step,
+        or under GradScaler (``16-mixed``) as many as it skips, each lowering its scale (initially 2^16) after
+        inf or NaN gradients, at most ``limit``. Returns the number of steps run."""
+        positive_int("limit", limit)
+        for n in range(1, limit + 1):
+            scale = self.scaler.get_scale() if self.scaler is not None else 0.0
+            self.step(micro_batches)
+            if self.scaler is None or self.scaler.get_scale() >= scale:  # lowered only when it skipped the step
+                return n
+        raise RuntimeError(f"GradScaler skipped {limit} steps in a row: the gradients are not finite at any scale")
+
+
 def lm_loss(model: nn.Module, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
     """Next-token cross-entropy of a reference transformer on (ids, targets)."""
     logits, loss = model(batch[0], batch[1])
