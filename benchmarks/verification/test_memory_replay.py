@@ -150,11 +150,13 @@ def _included_terms(record: dict[str, Any]) -> int:
 
 
 def _predict(record: dict[str, Any]) -> int:
+    """The case's prediction, a Mixture of Experts from the routing its measured step took where recorded."""
     case = MemoryCase.from_record(record["case"])
     device = "cpu" if record["device"]["name"] == "cpu" else "cuda"
+    routing = record["measured"].get("routing")
     if record["case"].get("kind") == "inference":
-        return predict_inference(case).peak + _included_terms(record)
-    return case.predict(device).peak + _included_terms(record)
+        return predict_inference(case, routing).peak + _included_terms(record)
+    return case.predict(device, routing).peak + _included_terms(record)
 
 
 def _params() -> list[Any]:
@@ -263,3 +265,14 @@ def test_a_cuda_measurement_collects_garbage_before_its_baseline(kind: str, monk
         if enabled:
             gc.enable()
     assert alive_at_baseline == [False]
+
+
+def test_a_mixture_of_experts_record_replays_with_its_routing() -> None:
+    # memory_record keeps measured.routing; the replay predicts from it, not from a balanced stand-in: here expert 0
+    # of block 1 got no token, so its three matrices (3 x 128 x 344 fp32) have no gradient and no AdamW sqrt
+    case = MemoryCase("mixtral-tiny", 2, training.TrainConfig(), seq_len=64)
+    routing = [[64, 64, 64, 64], [0, 128, 64, 64]]
+    record = {"case": case.to_record("train"), "device": {"name": "cpu"},
+              "measured": {"peak": 1, "routing": routing}}
+    assert _predict(record) == case.predict("cpu", routing).peak
+    assert case.predict("cpu").peak - _predict(record) == 2 * 3 * 128 * 344 * 4

@@ -325,6 +325,8 @@ def memory_record(request: pytest.FixtureRequest) -> Callable[..., None]:
             "predicted": {"peak": predicted.peak, "by_category": predicted.breakdown(),
                           "moment": getattr(predicted, "moment", None)},
         }
+        if getattr(measured, "routing", None) is not None:  # a Mixture of Experts: what the replay predicts from
+            entry["measured"]["routing"] = measured.routing
         if snapshots and snapshot is not None and error > SNAPSHOT_THRESHOLD:
             folder = Path(snapshots)
             folder.mkdir(parents=True, exist_ok=True)
