@@ -162,6 +162,23 @@ def test_a_model_smaller_than_the_reference_buffers(tmp_path: Path) -> None:
     assert relative_error(predicted.peak, measured.peak) <= TARGET, (predicted.moment, measured.peak_op)
 
 
+@needs_transformers
+def test_measure_says_when_no_profile_walks_transformers_model(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # transformers' Mixtral has no implementation profile: the reference transformer's walk predicts it, and the
+    # table says so (the JSON's "profile": "reference")
+    config = {"model_type": "mixtral", "num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "vocab_size": 64, "max_position_embeddings": 64, "intermediate_size": 48,
+              "num_local_experts": 4, "num_experts_per_tok": 2, "bos_token_id": 0, "eos_token_id": 0}
+    path = _write(tmp_path, config)
+    assert main(["measure", "--device", "cpu", "--hf-config", path, "--batch-size", "2", "--seq-len", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "(transformers' model)" in out and "predicted by the reference transformer's walk" in out
+    assert main(["measure", "--device", "cpu", "--hf-config", _write(tmp_path, LLAMA), "--batch-size", "2",
+                 "--seq-len", "16"]) == 0
+    assert "reference transformer's walk" not in capsys.readouterr().out
+
+
 def test_16_bit_weights_cast_the_rotary_tables() -> None:
     # pure arithmetic on the walk: transformers' LlamaRotaryEmbedding returns cos.to(x.dtype), sin.to(x.dtype); with
     # bf16 weights the two tables saved for the backward are T x head_dim x 2 B each, not 4 (32 tokens, head_dim 16)

@@ -700,6 +700,7 @@ def _out_of_memory(device: str, peak: int, free: int, *, before: bool = False) -
 def _run_measure(args: argparse.Namespace) -> int:
     import torch
 
+    from torchledger.formulas.timeline_hf import HF_MODEL_TYPES
     from torchledger.measuring import training
     from torchledger.measuring.memory import ALLOCATOR_OVERHEAD, MemoryMeasurement
     from torchledger.measuring.training import MemoryCase, relative_error
@@ -794,6 +795,9 @@ def _run_measure(args: argparse.Namespace) -> int:
         built = " (transformers' model)" if case.hf_config is not None else ""
         print(f"{case.workload}{built}, batch {case.batch}, {args.precision}, {args.optimizer} "
               f"({args.optimizer_impl}), checkpointing {args.checkpointing}, grad-accum {args.grad_accum}, on {where}")
+        if case.hf_config is not None and result["profile"] == "reference":
+            print("  predicted by the reference transformer's walk: no implementation profile for this model "
+                  f"(profiles: {', '.join(HF_MODEL_TYPES)})")
     width = max(len(c) for c in [*measured.by_category, *pred_cats, "peak"])
     print(f"  {'':<{width}} {'measured':>12} {'predicted':>12}")
     for cat in dict.fromkeys([*measured.by_category, *pred_cats]):
