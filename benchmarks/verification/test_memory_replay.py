@@ -153,7 +153,7 @@ def _predict(record: dict[str, Any]) -> int:
     """The case's prediction, a Mixture of Experts from the routing its measured step took where recorded."""
     case = MemoryCase.from_record(record["case"])
     device = "cpu" if record["device"]["name"] == "cpu" else "cuda"
-    routing = record["measured"].get("routing")
+    routing = record.get("measured", {}).get("routing")
     if record["case"].get("kind") == "inference":
         return predict_inference(case, routing).peak + _included_terms(record)
     return case.predict(device, routing).peak + _included_terms(record)
