@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
-from torchledger.formulas.peak import TrainPeak, cnn_train_peak_bytes, mlp_train_peak_bytes, train_peak_bytes
+from torchledger.formulas.peak import TrainPeak
 from torchledger.formulas.specs import CNNSpec, MLPSpec, ModelSpec
 from torchledger.formulas.vocabulary import OPTIMIZER_IMPLS, OPTIMIZERS, STEP_CHECKPOINTING
 from torchledger.measuring.memory import CATEGORIES
@@ -95,15 +95,7 @@ def cases(draw: st.DrawFn) -> MemoryCase:
 
 def predict(case: MemoryCase, routing: list[list[int]] | None = None) -> TrainPeak:
     """The prediction the measurement is held to; a Mixture of Experts with the ``routing`` its step took."""
-    c = case.config
-    common = {"recipe": c.precision, "optimizer": c.optimizer, "grad_accum": c.grad_accum,
-              "optimizer_impl": c.optimizer_impl, "clip": c.clip_grad_norm is not None}
-    if case.workload == "mlp":
-        return mlp_train_peak_bytes(case.mlp, case.batch, **common)  # type: ignore[arg-type]
-    if case.workload == "cnn":
-        return cnn_train_peak_bytes(case.cnn, case.batch, **common)  # type: ignore[arg-type]
-    return train_peak_bytes(case.transformer_spec(), case.batch, case.seq_len, checkpointing=c.checkpointing,
-                            routing=routing, **common)  # type: ignore[arg-type]
+    return case.predict("cpu", routing)
 
 
 def command_line(case: MemoryCase) -> str:

@@ -29,7 +29,7 @@ from torchledger.formulas.peak import train_peak_bytes
 from torchledger.formulas.specs import ModelSpec, get_preset, n_params, param_counts, spec_from_hf_config
 from torchledger.formulas.timeline import balanced_routing
 from torchledger.formulas.vocabulary import OPTIMIZER_IMPLS, OPTIMIZERS, STEP_CHECKPOINTING
-from torchledger.measuring.training import MemoryCase, measure, measure_built, relative_error, simulate
+from torchledger.measuring.training import MemoryCase, measure, relative_error, simulate
 from torchledger.workloads import build_transformer, token_batch
 from torchledger.workloads.train_step import TrainConfig
 
@@ -161,20 +161,6 @@ def test_dense_profiler_gap_names_the_early_stop() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ memory
-
-
-def _measure_with_routing(case: MemoryCase) -> tuple[int, dict[str, int], list[list[int]]]:
-    """The CPU measurement and the routing the measured step took (read from the model afterwards)."""
-    held = {}
-
-    def build():  # type: ignore[no-untyped-def]
-        model, step, batches = case.build("cpu")
-        held["model"] = model
-        return model, step, batches
-
-    measured = measure_built(build, "cpu")
-    routing = [list(block.moe.tokens_per_expert) for block in held["model"].blocks]
-    return measured.peak, measured.by_category, routing
 
 
 MEMORY_CASES = [
@@ -324,14 +310,11 @@ def moe_cases(draw: st.DrawFn) -> MemoryCase:
           suppress_health_check=[HealthCheck.too_slow])
 @given(case=moe_cases())
 def test_random_moe_steps_within_2_percent(case: MemoryCase) -> None:
-    peak, by_category, routing = _measure_with_routing(case)
-    c = case.config
-    predicted = train_peak_bytes(case.transformer_spec(), case.batch, case.seq_len, recipe=c.precision,
-                                 optimizer=c.optimizer, optimizer_impl=c.optimizer_impl, checkpointing=c.checkpointing,
-                                 clip=c.clip_grad_norm is not None, routing=routing)
-    err = relative_error(predicted.peak, peak)
-    report = (f"{case}: predicted {predicted.peak:,} B at {predicted.moment}, measured {peak:,} B "
-              f"({100 * err:.2f}%); {predicted.by_category} vs {by_category}")
+    measured = measure(case, "cpu")  # with the routing its step took
+    predicted = case.predict("cpu", measured.routing)
+    err = relative_error(predicted.peak, measured.peak)
+    report = (f"{case}: predicted {predicted.peak:,} B at {predicted.moment}, measured {measured.peak:,} B "
+              f"({100 * err:.2f}%); {predicted.by_category} vs {measured.by_category}")
     assert err <= 0.02, report
 
 

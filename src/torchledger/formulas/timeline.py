@@ -360,7 +360,6 @@ class _Step:
                 d_logits = G.convert(d_logits, cast, "logits grad cast")
             G.route(logits, d_logits)
 
-        loss = total_weight = -1  # made below, after the node that saves them
         node = G.node("loss", None, [logp], backward=backward)
         # nll_loss's output and total_weight (scalars) are made while autocast's fp32 copy of the logits still
         # lives: cross_entropy is one composite op, and autocast holds the copy it passed in until the op returns;
