@@ -2,8 +2,9 @@
 ``predicted_step_s`` (:mod:`torchledger.formulas.steptime`).
 
 The ceilings come from this machine's earlier runs (``results/<device tag>/``: their roofline and precision
-matmuls and copy bandwidth, never their timed steps), else from the hardware table's datasheet figures for a GPU
-of the table; a CPU without earlier runs records None.
+matmuls and copy bandwidth, never their timed steps; on the CPU only runs made at this session's thread count,
+``--ledger-threads``), else from the hardware table's datasheet figures for a GPU of the table; a CPU without such
+runs records None.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @cache
-def _calibration(cuda: bool, name: str) -> Calibration | None:
+def _calibration(cuda: bool, name: str, cpu_threads: int | None) -> Calibration | None:
     from torchledger.formulas.hardware import lookup_device
     from torchledger.formulas.steptime import datasheet_calibration
     from torchledger.measuring.machine import device_tag
@@ -27,8 +28,8 @@ def _calibration(cuda: bool, name: str) -> Calibration | None:
 
     runs = ROOT / "results" / device_tag()
     if any(runs.glob("*/*.json")):
-        try:
-            return read_calibration(runs)
+        try:  # on the CPU, the runs made at this session's thread count only
+            return read_calibration(runs, cpu_threads="any" if cuda else cpu_threads)
         except ValueError:
             pass
     dev = lookup_device(name, warn=False) if cuda else None
@@ -38,7 +39,9 @@ def _calibration(cuda: bool, name: str) -> Calibration | None:
 def predicted_step_s(ledger: Any, case: Any) -> float | None:
     """Predicted seconds of one step of ``case`` (a :class:`~torchledger.measuring.training.MemoryCase`) on the
     ledger's device; None without a calibration or for a workload the op lists do not describe."""
-    cal = _calibration(ledger.cuda, ledger.name)
+    from torchledger.pytest_plugin import benchmark_threads
+
+    cal = _calibration(ledger.cuda, ledger.name, benchmark_threads())
     if cal is None:
         return None
     c = case.config

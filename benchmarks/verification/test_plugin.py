@@ -21,7 +21,7 @@ pytest_plugins = ["pytester"]
 ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = "torchledger.pytest_plugin"
 OPTIONS = ("--ledger-size", "--ledger-device", "--ledger-timing", "--ledger-flush-l2", "--ledger-cuda-graphs",
-           "--ledger-groups", "--ledger-memory-log", "--ledger-snapshot-dir", "--ledger-malloc")
+           "--ledger-groups", "--ledger-memory-log", "--ledger-snapshot-dir", "--ledger-malloc", "--ledger-threads")
 
 MY_STEP = """
 import pytest
@@ -90,7 +90,8 @@ def test_a_repository_of_its_own_records_the_ledger_s_figures(my_repo: pytest.Py
     extra = bench["extra_info"]
     assert bench["name"] == "test_my_step"
     assert extra["device"] and extra["timing"] == "burst" and extra["iterations"] == 1
-    assert extra["work"] == {"profile": "small", "n": 64}
+    # on the CPU a benchmark runs on one thread unless --ledger-threads says otherwise, and its work says so
+    assert extra["work"] == {"profile": "small", "n": 64, "threads": 1}
     assert extra["comparable"]["name"] == "tflops" and extra["comparable"]["value"] > 0
     assert extra["comparable"]["fraction_of_peak"] is not None  # the CPU's measured matmul ceiling
     assert extra["tflops"] > 0 and extra["flops"] == 2 * 64**3
@@ -99,6 +100,58 @@ def test_a_repository_of_its_own_records_the_ledger_s_figures(my_repo: pytest.Py
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert machine["malloc"] == ({"mmap_threshold": 32 * 2**20, "trim_threshold": 64 * 2**20} if glibc
                                  else "the C library's own thresholds")
+    assert machine["cpu_threads"] == 1
+
+
+THREADS = """
+import torch
+
+DEFAULT = torch.get_num_threads()
+
+
+def test_a_benchmark(benchmark):
+    benchmark.extra_info["threads_inside"] = torch.get_num_threads()
+    benchmark.pedantic(lambda: None, rounds=1)
+
+
+def test_not_a_benchmark():
+    assert torch.get_num_threads() == DEFAULT
+"""
+
+
+@pytest.mark.parametrize(("given", "expected"), [((), 1), (("--ledger-threads=2",), 2), (("--ledger-threads", "all"),
+                                                                                        None)])
+def test_a_benchmark_runs_on_the_threads_chosen(my_repo: pytest.Pytester, given: tuple[str, ...],
+                                                expected: int | None) -> None:
+    # torch's default thread count is the machine's (torch.get_num_threads() in a fresh process); a benchmark runs
+    # on 1 thread unless told otherwise, a test that is no benchmark on the default, and the count comes back after
+    my_repo.makepyfile(test_threads=THREADS)
+    out = my_repo.path / "run.json"
+    done = _run_my_repo(my_repo, "--ledger-device=cpu", f"--benchmark-json={out}", *given, "test_threads.py")
+    done.assert_outcomes(passed=2)
+    run = json.loads(out.read_text())
+    default = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    [bench] = run["benchmarks"]
+    assert bench["extra_info"]["threads_inside"] == (expected or int(default))
+    assert run["machine_info"]["torchledger"]["cpu_threads"] == (expected or "torch's default")
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5", ""])
+def test_a_bad_thread_count_is_a_usage_error(my_repo: pytest.Pytester, value: str) -> None:
+    done = _run_my_repo(my_repo, f"--ledger-threads={value}")
+    assert done.ret == pytest.ExitCode.USAGE_ERROR
+    assert f"--ledger-threads={value!r}: give a whole number of threads >= 1" in done.stderr.str()
+    assert "Traceback" not in done.stderr.str() + done.stdout.str()
+
+
+def test_parse_threads() -> None:
+    from torchledger.pytest_plugin import parse_threads
+
+    assert parse_threads(None, cuda=False) == 1  # the CPU's default: one thread, as torch.utils.benchmark.Timer
+    assert parse_threads(None, cuda=True) is None  # CUDA: the host's threads left as torch sets them
+    assert parse_threads("all", cuda=False) is None
+    assert parse_threads("3", cuda=True) == 3
 
 
 def test_runs_are_filed_per_device(my_repo: pytest.Pytester) -> None:

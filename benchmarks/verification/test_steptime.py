@@ -467,6 +467,32 @@ def test_calibration_refuses_what_holds_no_run(tmp_path: Path) -> None:
         read_calibration(RESULTS)
 
 
+def test_calibration_reads_the_runs_made_at_a_thread_count(tmp_path: Path) -> None:
+    # two runs of one machine: the older (run 0002, at torch's default, as every run before --ledger-threads) and a
+    # newer copy of it made on one thread with its 1024^3 fp32 matmul twice as slow
+    older = json.loads(CPU.read_text())
+    newer = json.loads(CPU.read_text())
+    newer["datetime"], newer["commit_info"]["id"] = "2026-11-28T00:00:00.000000+00:00", "f" * 40
+    newer["machine_info"]["torchledger"]["cpu_threads"] = 1
+    for bench in newer["benchmarks"]:
+        if bench["name"] == "test_biggest_matmul[fp32]":  # the 1024^3 fp32 matmul of the roofline group
+            bench["stats"]["median"] *= 2
+    folder = tmp_path / CPU.parent.parent.name / CPU.parent.name
+    folder.mkdir(parents=True)
+    (folder / CPU.name).write_text(json.dumps(older))
+    (folder / "0003_newer.json").write_text(json.dumps(newer))
+    rate = 2 * 1024**3 / 0.011141  # run 0002's 1024^3 fp32 matmul, as test_calibration_reads_the_cpu_run reads it
+    assert read_calibration(folder.parent).matmul["fp32"][1].flops_per_s == pytest.approx(rate / 2, rel=1e-4)
+    assert read_calibration(folder.parent, cpu_threads=1).matmul["fp32"][1].flops_per_s == \
+        pytest.approx(rate / 2, rel=1e-4)
+    assert read_calibration(folder.parent, cpu_threads=None).matmul["fp32"][1].flops_per_s == \
+        pytest.approx(rate, rel=1e-4)
+    with pytest.raises(ValueError, match="no benchmark run made at cpu_threads=4"):
+        read_calibration(folder.parent, cpu_threads=4)
+    with pytest.raises(ValueError, match="cpu_threads must be"):
+        read_calibration(folder.parent, cpu_threads=0)
+
+
 def _with_results(tmp_path: Path, entries: list[tuple[str, dict[str, Any]]]) -> Path:
     """The CPU run with synthetic roofline results added, (test name, extra_info) each, written under tmp_path."""
     run = json.loads(CPU.read_text())

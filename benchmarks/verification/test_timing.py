@@ -287,12 +287,19 @@ def test_a_cuda_ledger_never_measures_the_cpu(monkeypatch: pytest.MonkeyPatch) -
     assert not peaks.measured
 
 
-def test_the_ledger_records_work_and_comparable_when_disabled() -> None:
+@pytest.mark.parametrize("threads", [None, 3])
+def test_the_ledger_records_work_and_comparable_when_disabled(monkeypatch: pytest.MonkeyPatch,
+                                                              threads: int | None) -> None:
+    from torchledger import pytest_plugin
+
+    monkeypatch.setitem(pytest_plugin._THREADS, "threads", threads)  # the session's --ledger-threads
     calls = []
     ledger = perf.Ledger(FakeBenchmark(), "cpu", perf.CpuPeaks(64), timing="sustained", profile="small")
     assert ledger.time(lambda: calls.append(1), rounds=5, work={"shape": [2, 2, 2]}, flops=16) is None
     extra = ledger.benchmark.extra_info
-    assert extra["work"] == {"profile": "small", "shape": [2, 2, 2]}
+    # the thread count is part of the work where the session set one (torch's default: nothing to add)
+    assert extra["work"] == ({"profile": "small", "shape": [2, 2, 2]} if threads is None
+                             else {"profile": "small", "shape": [2, 2, 2], "threads": 3})
     assert extra["comparable"] == {"name": "tflops", "value": None, "fraction_of_peak": None}
     assert extra["iterations"] == 1 and len(calls) == 1  # disabled: one call, no sizing
     assert perf.work_problems(extra, timed=False) == []

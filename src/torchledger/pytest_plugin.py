@@ -153,6 +153,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "dynamic thresholds",
     )
     group.addoption(
+        "--ledger-threads",
+        metavar="N",
+        default=None,
+        help="CPU threads (torch.set_num_threads) while a benchmark runs: a whole number, or 'all' for torch's "
+        "default; default: 1 when the benchmarks run on the CPU, as torch.utils.benchmark.Timer does (on a machine "
+        "shared with other work a parallel op waits for its slowest thread), torch's default on CUDA; recorded in "
+        "each benchmark's work and the machine info",
+    )
+    group.addoption(
         "--ledger-groups",
         metavar="G1,G2",
         default=None,
@@ -162,6 +171,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 # glibc's malloc thresholds this session fixed (--ledger-malloc fixed, on glibc), else empty
 _MALLOC: dict[str, int] = {}
+# the CPU threads a benchmark of this session runs with (--ledger-threads), under "threads"; None: torch's default
+_THREADS: dict[str, int | None] = {}
+
+
+def parse_threads(value: str | None, *, cuda: bool) -> int | None:
+    """The CPU threads ``--ledger-threads`` asks for: a whole number >= 1; None for torch's default (``all``, or
+    the option not given on CUDA); 1 when it is not given on the CPU. A usage error naming the value otherwise."""
+    if value is None:
+        return None if cuda else 1
+    if value.strip() == "all":
+        return None
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise pytest.UsageError(f"--ledger-threads={value!r}: give a whole number of threads >= 1, or 'all' for "
+                                "torch's default")
+    return threads
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -182,6 +210,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--ledger-device") == "cuda" and not _cuda_available():
         raise pytest.UsageError("--ledger-device=cuda: no CUDA GPU is available here (torch.cuda.is_available())")
     uses_cuda = config.getoption("--ledger-device") != "cpu" and _cuda_available()
+    _THREADS.clear()
+    _THREADS["threads"] = parse_threads(config.getoption("--ledger-threads"), cuda=uses_cuda)
     given = " ".join(config.invocation_params.args)
     # GPU work is asynchronous: time it with a timer that synchronizes first, unless the user chose a timer.
     if uses_cuda and "--benchmark-timer" not in given and hasattr(config.option, "benchmark_timer"):
@@ -278,7 +308,31 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     from torchledger.measuring.machine import describe_machine
 
     machine_info["torchledger"] = {**describe_machine(),
-                                   "malloc": dict(_MALLOC) if _MALLOC else "the C library's own thresholds"}
+                                   "malloc": dict(_MALLOC) if _MALLOC else "the C library's own thresholds",
+                                   "cpu_threads": benchmark_threads() or "torch's default"}
+
+
+def benchmark_threads() -> int | None:
+    """The CPU threads this session's benchmarks run with (``--ledger-threads``); None: torch's default."""
+    return _THREADS.get("threads")
+
+
+@pytest.fixture(autouse=True)
+def _benchmark_threads(request: pytest.FixtureRequest) -> Any:
+    """A benchmark runs with the CPU threads ``--ledger-threads`` chose (its setup and teardown included), and the
+    count is restored after it; a test that is not a benchmark is left alone."""
+    threads = benchmark_threads()
+    if threads is None or "benchmark" not in request.fixturenames:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _gpu_names(machine_info: dict[str, Any]) -> list[str]:
@@ -420,9 +474,16 @@ def work_problems(extra: dict[str, Any], *, timed: bool) -> list[str]:
     return problems
 
 
+def work_record(profile: str, work: dict[str, Any]) -> dict[str, Any]:
+    """A benchmark's ``work``: the profile, the size of the work, and the CPU threads it ran with where
+    ``--ledger-threads`` set them (a run at another thread count is other work, never a regression)."""
+    threads = benchmark_threads()
+    return {"profile": profile, **work, **({"threads": threads} if threads is not None else {})}
+
+
 def record_work(benchmark: Any, profile: str, work: dict[str, Any], comparable: dict[str, Any] | None) -> None:
     """``work`` and ``comparable`` for a benchmark timed without :class:`Ledger`."""
-    benchmark.extra_info.update({"work": {"profile": profile, **work}, "comparable": comparable})
+    benchmark.extra_info.update({"work": work_record(profile, work), "comparable": comparable})
 
 
 class Ledger:
@@ -534,7 +595,7 @@ class Ledger:
                 extra["tflops"] = flops / seconds / 1e12
                 peak = self.peak_flops(mfu_dtype)
                 extra["mfu"] = None if peak is None else flops / seconds / peak
-        extra["work"] = {"profile": self.profile, **work}
+        extra["work"] = work_record(self.profile, work)
         extra["comparable"] = comparable_figure(seconds, flops=flops, bytes_moved=bytes_moved, samples=samples,
                                                 batches=batches, peak=lambda name: self._ceiling(name, mfu_dtype,
                                                                                                  link))

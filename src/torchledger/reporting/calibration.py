@@ -277,10 +277,20 @@ def _model_host_s(cal: Calibration, key: tuple[str, str], floor: tuple[int, int,
     return out
 
 
-def read_calibration(path: str | Path, at: MachineSpeed | None = None) -> Calibration:
+def run_cpu_threads(run: Run) -> int | None:
+    """The CPU threads a run's benchmarks ran with (``machine_info.torchledger.cpu_threads``, set by
+    ``--ledger-threads``); None for torch's default, as every run from before the option ran."""
+    threads = (run.machine_info.get("torchledger") or {}).get("cpu_threads")
+    return threads if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0 else None
+
+
+def read_calibration(path: str | Path, at: MachineSpeed | None = None, *,
+                     cpu_threads: int | str | None = "any") -> Calibration:
     """The calibration of the machine whose runs lie under ``path`` (a machine folder such as
     ``results/cuda-nvidia-h200``, or one run file): its newest run, merged with the earlier runs of the same
-    commit, its ceilings carried to the machine speed ``at`` where given. ValueError when ``path`` holds no run, or
+    commit, its ceilings carried to the machine speed ``at`` where given. With ``cpu_threads`` (a count, or None
+    for torch's default) only the runs made at that many CPU threads are read (:func:`run_cpu_threads`): a ceiling
+    measured on two threads does not predict a step timed on one. ValueError when ``path`` holds no such run, or
     runs of more than one machine."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -291,4 +301,12 @@ def read_calibration(path: str | Path, at: MachineSpeed | None = None) -> Calibr
         raise ValueError(f"calibration={str(path)!r} holds runs of {len(found.by_machine)} machines "
                          f"({', '.join(sorted(found.by_machine))}): name one machine's folder")
     (history,) = found.by_machine.values()
+    if cpu_threads != "any":
+        if not (cpu_threads is None or (isinstance(cpu_threads, int) and cpu_threads > 0)):
+            raise ValueError(f"cpu_threads must be a count >= 1, None (torch's default) or 'any', "
+                             f"got {cpu_threads!r}")
+        history = [run for run in history if run_cpu_threads(run) == cpu_threads]
+        if not history:
+            threads = "torch's default" if cpu_threads is None else cpu_threads
+            raise ValueError(f"calibration={str(path)!r} holds no benchmark run made at cpu_threads={threads}")
     return calibration_from_run(newest_results(history), at)
