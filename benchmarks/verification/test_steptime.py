@@ -80,6 +80,11 @@ CPU16 = _CPU_RUNS / "0016_bf555276bb75bf8f45dd4f4cee5ce1c779f5d415_20261127_1811
 # 0017 on: the small-op probe recorded (small_op_s), not used.
 CPU17 = _CPU_RUNS / "0017_deebdf6907f2f6c75415247c3fa78e9065bfe59b_20261127_185748.json"
 CPU18 = _CPU_RUNS / "0018_5bd0eb92bacb21a16f37ae6c7319437b3d8050eb_20261127_221233.json"
+# 0019 on: every benchmark on one CPU thread (--ledger-threads, the CPU's default), where runs 0001 to 0018 ran on
+# torch's default of two: the slow phases of the shared machine slowed the second thread, not the first.
+CPU19 = _CPU_RUNS / "0019_b8ec9e79b84d07dd11b2d4812d70a728d65a0f10_20261127_224408.json"
+CPU20 = _CPU_RUNS / "0020_b8ec9e79b84d07dd11b2d4812d70a728d65a0f10_20261127_224624.json"
+CPU21 = _CPU_RUNS / "0021_b8ec9e79b84d07dd11b2d4812d70a728d65a0f10_20261127_224834.json"
 # Seeded as test_memory_random.py is: the same examples every run unless TORCHLEDGER_RANDOM_SEED names a seed (or
 # ``random``) or the hypothesis profile is ``nightly``.
 _SEED_ENV = os.environ.get("TORCHLEDGER_RANDOM_SEED", "")
@@ -411,7 +416,8 @@ AT_SPEED_MISSES[("0018", "test_compile_forward[eager]")] = (
     "194 GFLOP/s, 34.1 GB/s and 4.21 us: the forward alone moved 18% between runs that the probes cannot tell apart")
 AT_SPEED: list[tuple[str, Path]] = [("0009", CPU9), ("0010", CPU10), ("0011", CPU11), ("0012", CPU12),
                                     ("0013", CPU13), ("0014", CPU14), ("0015", CPU15), ("0016", CPU16),
-                                    ("0017", CPU17), ("0018", CPU18)]
+                                    ("0017", CPU17), ("0018", CPU18), ("0019", CPU19), ("0020", CPU20),
+                                    ("0021", CPU21)]
 
 
 @pytest.mark.parametrize(("run", "path", "name", "case"), [
@@ -433,6 +439,15 @@ def test_replay_recorded_step_at_its_speed(run: str, path: Path, name: str, case
 
 def test_the_at_speed_misses_name_recorded_steps() -> None:
     assert set(AT_SPEED_MISSES) <= {(run, name) for run, _ in AT_SPEED for name, _ in CPU_STEPS}
+
+
+def test_the_runs_from_0019_ran_on_one_thread() -> None:
+    # what the single-thread replays stand on: the runs say so themselves, and the runs before them say nothing
+    from torchledger.reporting.calibration import run_cpu_threads
+    from torchledger.reporting.results import load_run
+
+    threads = {run: run_cpu_threads(load_run(path)) for run, path in AT_SPEED}
+    assert threads == {run: (1 if run >= "0019" else None) for run, _ in AT_SPEED}
 
 
 # ----------------------------------------------------------------------------------------------- calibration, CLI
@@ -1046,10 +1061,12 @@ INTERLEAVED: list[tuple[Path, str, str, str, dict[str, Any], dict[str, Any], str
      "launch): measured on gpt-tiny itself from run 0009 on (26 to 40 us)"),
     # from run 0009 on, with the host's cost per op measured on the transformer itself
     *[(run, "test_checkpointing_interleaved", mode, "none", {"checkpointing": mode}, {}, None)
-      for run in (CPU9, CPU10, CPU11, CPU12, CPU13, CPU14, CPU15, CPU16, CPU17, CPU18)
+      for run in (CPU9, CPU10, CPU11, CPU12, CPU13, CPU14, CPU15, CPU16, CPU17, CPU18, CPU19,
+                  CPU20, CPU21)
       for mode in ("every-other", "full")],
     *[(run, "test_accumulation_interleaved", "4x", "1x", {"batch": 2, "accum": 4}, {}, None)
-      for run in (CPU9, CPU10, CPU11, CPU12, CPU13, CPU14, CPU15, CPU16, CPU17, CPU18)],
+      for run in (CPU9, CPU10, CPU11, CPU12, CPU13, CPU14, CPU15, CPU16, CPU17, CPU18, CPU19,
+                  CPU20, CPU21)],
 ]
 
 
@@ -1060,7 +1077,8 @@ SAME_ROUNDS = ["gpt-32-true", "gpt-bf16-mixed", "mlp-32-true", "mlp-bf16-mixed"]
 
 SAME_ROUND_RUNS = [("0006", CPU6), ("0007", CPU7), ("0008", CPU8), ("0009", CPU9), ("0010", CPU10),
                    ("0011", CPU11), ("0012", CPU12), ("0013", CPU13), ("0014", CPU14), ("0015", CPU15),
-                   ("0016", CPU16), ("0017", CPU17), ("0018", CPU18)]
+                   ("0016", CPU16), ("0017", CPU17), ("0018", CPU18), ("0019", CPU19), ("0020", CPU20),
+                   ("0021", CPU21)]
 SAME_ROUND_MISSES = {
     ("0015", "mlp-bf16-mixed"):
         "-17.0% in the median round: the per-round calibration charges AdamW's update at the bandwidth of x.mul_ "

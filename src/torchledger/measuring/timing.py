@@ -164,7 +164,9 @@ class SpeedProbe:
     Recorded and not yet used by the step-time model: ``small_op_s``, the seconds of one of 100 copies of 256 KiB,
     timed warm. Beside 887 gpt-tiny steps, the slowest quarter of the steps against the fastest took 1.31 times as
     long, this probe 1.38 times, the matmul probe 1.07 times: the machine's slow phases hit small ops, as a step's
-    are."""
+    are. Timed on one thread beside two, the slow phases turned out to be the second thread's (the same copies
+    1.00 times as long on one thread, 1.36 on two), which is why CPU benchmarks run on one thread by default
+    (``--ledger-threads``); there this probe reads alike from round to round."""
 
     MATMUL = (256, 512, 512)
     COPY_BYTES = 64 * 2**20
