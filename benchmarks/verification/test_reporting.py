@@ -123,6 +123,23 @@ def test_report_merges_machines(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert (out / "report.md").read_text() == page
 
 
+def test_report_names_each_machine_s_cpu_threads(tmp_path: Path) -> None:
+    # a CPU run made on one thread (--ledger-threads) and a GPU run at torch's default: the machines table says so
+    results = tmp_path / "results"
+    cpu = write_run(results, 0, dict.fromkeys(BENCHES, 1e-3))
+    run = json.loads(cpu.read_text())
+    run["machine_info"]["torchledger"]["cpu_threads"] = 1
+    cpu.write_text(json.dumps(run))
+    write_run(results, 1, dict.fromkeys(BENCHES, 2e-3), gpu="NVIDIA H100 80GB HBM3")
+    out = tmp_path / "report"
+    assert main(["report", str(results), "-o", str(out)]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in (out / "report.md").read_text().splitlines()
+            if line.startswith("| cpu-test") or line.startswith("| cuda-nvidia-h100")}
+    header = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| machine |"))
+    column = header.split(" | ").index("CPU threads")
+    assert rows["cpu-test"][column] == "1" and rows["cuda-nvidia-h100-80gb-hbm3"][column] == "torch's default"
+
+
 def test_too_short_a_history_is_not_judged(tmp_path: Path) -> None:
     # one earlier run gives no noise estimate: a 50% change is listed as unjudged, not as a regression
     write_run(tmp_path, 0, dict.fromkeys(BENCHES, 1e-3))

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from torchledger.formulas.hardware import DeviceSpec, lookup_device
+from torchledger.reporting.calibration import run_cpu_threads
 from torchledger.reporting.results import (
     Comparable,
     Described,
@@ -57,8 +58,10 @@ def _bytes(value: object) -> str:
 
 
 def _system_rows(runs: dict[str, Run]) -> list[str]:
-    lines = ["| machine | GPU | CPU | cores | RAM | torch | CUDA | run | commit |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    # "CPU threads": what a CPU benchmark of the run ran on (--ledger-threads); a one-thread figure and a two-thread
+    # one of the same machine are different figures
+    lines = ["| machine | GPU | CPU | cores | CPU threads | RAM | torch | CUDA | run | commit |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for tag, run in runs.items():
         info = run.machine_info.get("torchledger")
         info = info if isinstance(info, dict) else {}
@@ -67,7 +70,8 @@ def _system_rows(runs: dict[str, Run]) -> list[str]:
                          for g in info.get("gpus") or [] if isinstance(g, dict)) or "none"
         cpu_info = run.machine_info.get("cpu")
         cpu = info.get("cpu_model") or (cpu_info.get("brand_raw") if isinstance(cpu_info, dict) else None) or "?"
-        cells = [tag, gpus, cpu, info.get("cpu_cores_logical", "?"), _bytes(info.get("ram_bytes") or 0),
+        cells = [tag, gpus, cpu, info.get("cpu_cores_logical", "?"), run_cpu_threads(run) or "torch's default",
+                 _bytes(info.get("ram_bytes") or 0),
                  info.get("torch", "?"), info.get("cuda") or "-", run.datetime[:19], run.commit or "-"]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return lines
