@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from torchledger.formulas import hardware as H
@@ -99,3 +101,28 @@ def test_roofline_bad_input() -> None:
         H.attainable_flops(1.0, 1e12, 0)
     with pytest.raises(ValueError, match="bytes_moved=0"):
         H.arithmetic_intensity(10, 0)
+
+
+def _cache_entry(root: Path, index: int, kind: str, level: int, size: str) -> None:
+    entry = root / f"index{index}"
+    entry.mkdir(parents=True)
+    for name, text in (("type", kind), ("level", str(level)), ("size", size)):
+        (entry / name).write_text(text + "\n")
+
+
+def test_last_level_cache_is_the_highest_data_level_in_sysfs(tmp_path: Path) -> None:
+    from torchledger.measuring.machine import last_level_cache_bytes
+
+    # the 2-core EPYC's cpu0 as sysfs lists it (lscpu: L1d 64 KiB, L2 2 MiB, L3 32 MiB over both cores)
+    _cache_entry(tmp_path, 0, "Data", 1, "32K")
+    _cache_entry(tmp_path, 1, "Instruction", 1, "32K")
+    _cache_entry(tmp_path, 2, "Unified", 2, "1024K")
+    _cache_entry(tmp_path, 3, "Unified", 3, "32768K")
+    assert last_level_cache_bytes(tmp_path) == 32 * 2**20
+    # an instruction cache never counts, an unreadable size is skipped, and no entries say nothing
+    other = tmp_path / "other"
+    _cache_entry(other, 0, "Unified", 2, "2M")
+    _cache_entry(other, 1, "Instruction", 3, "64M")
+    _cache_entry(other, 2, "Unified", 3, "lots")
+    assert last_level_cache_bytes(other) == 2 * 2**20
+    assert last_level_cache_bytes(tmp_path / "none") is None

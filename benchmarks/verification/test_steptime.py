@@ -114,6 +114,45 @@ def test_op_time_is_the_roofline_plus_launches() -> None:
     assert t.step_s == pytest.approx(2e9 / 2e12 + 2 * 5e-6)
 
 
+def test_a_weight_read_from_memory_adds_its_bytes_over_the_bandwidth() -> None:
+    # a 32 x 2048 x 2048 fp32 forward matmul reading its 16 MiB weight, the step touching 100 MiB between two reads
+    weight = 2048 * 2048 * 4
+    op = Op("fc", "forward", flops=2 * 32 * 2048 * 2048, bytes=(32 * 2048 * 2 + 2048 * 2048) * 4,
+            shape=(32, 2048, 2048), parameter_bytes=weight, reuse_bytes=100 * 2**20)
+    warm = 2 * 32 * 2048 * 2048 / 1e11
+    cal = _cal(matmul={"fp32": (MatmulPoint(32, 2048, 2048, 1e11),)}, bandwidth=25e9)
+    # no cache size known (a GPU run, or a run before it was recorded): the warm rate alone
+    assert op_seconds(op, cal)[0] == pytest.approx(warm)
+    # a 32 MiB last-level cache: 100 MiB went through it since the weight's last read, so the weight comes from
+    # memory, on top of the rate the calibration timed with it cached
+    assert op_seconds(op, replace(cal, cache_bytes=32 * 2**20))[0] == pytest.approx(warm + weight / 25e9)
+    # a cache that holds what the step touches: the weight is still there
+    assert op_seconds(op, replace(cal, cache_bytes=128 * 2**20))[0] == pytest.approx(warm)
+    with pytest.raises(ValueError, match="cache_bytes"):
+        replace(cal, cache_bytes=0)
+
+
+def test_the_forward_reads_its_weights_as_stored_outside_autocast() -> None:
+    # the MLP 512-2048-2048-512 (6,299,648 parameters with biases) under AdamW: a forward matmul reads its fp32
+    # weight, and between two reads the step touches parameters, gradients and two states, 16 bytes each
+    spec = MLPSpec((512, 2048, 2048, 512))
+    n = 512 * 2048 + 2048 + 2048 * 2048 + 2048 + 2048 * 512 + 512
+    assert spec.n_params == n
+    ops = mlp_step_ops(spec, 32, precision="32-true", device="cpu")
+    reads = {op.name: (op.parameter_bytes, op.reuse_bytes) for op in ops if op.parameter_bytes}
+    assert reads == {"linear0": (512 * 2048 * 4, 16 * n), "linear1": (2048 * 2048 * 4, 16 * n),
+                     "linear2": (2048 * 512 * 4, 16 * n)}
+    # bf16-true: parameters, gradients and AdamW's two states (zeros_like the parameter) of 2 bytes each
+    ops = mlp_step_ops(spec, 32, precision="bf16-true", device="cpu")
+    assert {op.name: (op.parameter_bytes, op.reuse_bytes) for op in ops if op.parameter_bytes}["linear1"] == (
+        2048 * 2048 * 2, (2 + 2 + 2 * 2) * n)
+    # under autocast the cast reads the fp32 weight (a memory-bound op at the bandwidth) and the matmul its copy
+    assert not [op for op in mlp_step_ops(spec, 32, precision="bf16-mixed") if op.parameter_bytes]
+    # the recompute and the backward read what the forward just read: only the forward is marked
+    ops = transformer_step_ops(get_preset("gpt-tiny"), 2, 16, checkpointing="full")
+    assert {op.phase for op in ops if op.parameter_bytes} == {"forward"}
+
+
 def test_matmul_rate_interpolates_in_log_flops() -> None:
     cal = _cal()
     # 2048 x 2048 x 8192 = 2^35 MACs, between 1024^3 = 2^30 and 8192^3 = 2^39: in log(FLOPs) w = 5/9 of the way
@@ -506,6 +545,21 @@ def test_calibration_reads_the_runs_made_at_a_thread_count(tmp_path: Path) -> No
         read_calibration(folder.parent, cpu_threads=4)
     with pytest.raises(ValueError, match="cpu_threads must be"):
         read_calibration(folder.parent, cpu_threads=0)
+
+
+@pytest.mark.parametrize("machine", ["cpu", "h200"])
+def test_calibration_reads_the_cpu_s_last_level_cache(tmp_path: Path, machine: str) -> None:
+    # a run records its CPU's last-level cache (llc_bytes); a CPU run's matmuls were timed with their operands
+    # cached, so its calibration keeps the size; a GPU run's were not, so it keeps none
+    source = CPU if machine == "cpu" else H200
+    run = json.loads(source.read_text())
+    run["machine_info"]["torchledger"]["llc_bytes"] = 32 * 2**20
+    out = tmp_path / source.parent.parent.name / source.parent.name / source.name
+    out.parent.mkdir(parents=True)
+    out.write_text(json.dumps(run))
+    cal = read_calibration(out)
+    assert cal.cache_bytes == (32 * 2**20 if machine == "cpu" else None)
+    assert read_calibration(source).cache_bytes is None  # recorded before llc_bytes: unknown
 
 
 def _with_results(tmp_path: Path, entries: list[tuple[str, dict[str, Any]]]) -> Path:

@@ -233,7 +233,9 @@ class Calibration:
     (``speed``, where they recorded one), the host's cost per op measured on a model's own code by (model, recipe)
     (``model_host_s``, which :meth:`for_model` puts in place of ``host_s``), the bandwidth an optimizer's own ops
     reached by ``"<optimizer>.<impl>"`` (``optimizer_bandwidth``: its ops are charged at it instead of the copy's or
-    the update's), and where they came from."""
+    the update's), the last-level cache of a machine whose matmuls were timed with their operands cached
+    (``cache_bytes``: a CPU run; None where the matmuls were timed from memory or the size is unknown), and where
+    they came from."""
 
     device: str
     matmul: dict[str, tuple[MatmulPoint, ...]]
@@ -248,9 +250,12 @@ class Calibration:
     speed: MachineSpeed | None = None
     model_host_s: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
     optimizer_bandwidth: dict[str, float] = field(default_factory=dict)
+    cache_bytes: int | None = None
 
     def __post_init__(self) -> None:
         positive_number("bandwidth", self.bandwidth)
+        if self.cache_bytes is not None:
+            positive_int("cache_bytes", self.cache_bytes)
         if self.update_bandwidth is not None:
             positive_number("update_bandwidth", self.update_bandwidth)
         for name, value in self.optimizer_bandwidth.items():
@@ -346,7 +351,11 @@ def datasheet_calibration(dev: DeviceSpec, *, efficiency: float = DATASHEET_EFFI
 class Op:
     """One op of a step (or ``count`` identical ones): its FLOPs, the bytes it reads and writes, its matmul shape
     (m, k, n) where it is a matmul, the dtype it computes in, the kernels it launches, and where it is one of the
-    named :data:`KERNELS`, that name and its ``units``."""
+    named :data:`KERNELS`, that name and its ``units``. ``parameter_bytes``: the bytes of a parameter the op reads
+    as stored (a forward matmul outside autocast, whose weight was last touched by the previous step's update);
+    ``reuse_bytes``: what the step touches between two such reads (the parameters, their gradients and the
+    optimizer's state). NB: the reuse distance is that of a step's first micro-batch; between two micro-batches
+    of one step the optimizer's state is not touched."""
 
     name: str
     phase: str
@@ -360,6 +369,8 @@ class Op:
     units: int = 0
     layout: str = "nn"
     in_place: bool = False
+    parameter_bytes: int = 0
+    reuse_bytes: int = 0
 
 
 def op_seconds(op: Op, cal: Calibration) -> tuple[float, float, float]:
@@ -367,7 +378,11 @@ def op_seconds(op: Op, cal: Calibration) -> tuple[float, float, float]:
 
     The compute time of a named kernel the calibration measured is its units over the measured rate (for
     attention this replaces the GEMM rate of its FLOPs); else a matmul's FLOPs over the matmul rate of its shape,
-    else none. NB: a measured kernel's time includes its own launch, which is charged again as a launch. The bytes
+    else none. A matmul that reads a parameter (``parameter_bytes``) after the step has touched more than the
+    machine's last-level cache holds since its last read (``reuse_bytes`` over
+    :attr:`Calibration.cache_bytes`) reads it from memory: the parameter's bytes over the bandwidth are added to
+    its compute time, which the calibration timed with the operands cached. NB: a measured kernel's time includes
+    its own launch, which is charged again as a launch. The bytes
     go at the bandwidth the calibration measured for the op's optimizer (an ``optimizer`` op named
     ``<optimizer>.<impl>[i]``, :attr:`Calibration.optimizer_bandwidth`), else of an update in place for an op that
     updates its operand, else of a copy."""
@@ -378,6 +393,8 @@ def op_seconds(op: Op, cal: Calibration) -> tuple[float, float, float]:
     elif op.flops:
         m, k, n = op.shape if op.shape is not None else (1, 1, max(1, op.flops // 2))
         compute = op.flops / cal.matmul_rate(op.dtype, m, k, n, op.layout)
+    if op.parameter_bytes and cal.cache_bytes is not None and op.reuse_bytes > cal.cache_bytes:
+        compute += op.parameter_bytes / cal.bandwidth
     bandwidth = cal.optimizer_bandwidth.get(op.name.split("[", 1)[0]) if op.phase == "optimizer" else None
     if bandwidth is None:
         bandwidth = cal.update_bandwidth if op.in_place and cal.update_bandwidth else cal.bandwidth
@@ -505,7 +522,7 @@ class _Builder:
                                units=units, dtype=dtype or self.act, in_place=in_place))
 
     def mm(self, name: str, phase: str, m: int, k: int, n: int, count: int = 1, *, groups: int = 1,
-           split: int = 0, layout: str = "nn") -> None:
+           split: int = 0, layout: str = "nn", parameter: int = 0) -> None:
         """An (m, k) x (k, n) matmul in the compute dtype, reading A and B and writing C once; ``groups`` such
         matmuls side by side (a Mixture of Experts' experts) share the rows of dimension ``split`` (0: m, 1: k),
         and each runs at the rate of its own shape."""
@@ -515,7 +532,8 @@ class _Builder:
         # weight gradient): groups - 1 more of them are read or written
         self.ops.append(Op(name, phase, flops=matmul_flops(m, k, n),
                            bytes=(m * k + k * n + m * n + (groups - 1) * (n * (k if split == 0 else m))) * self.c,
-                           shape=(shape[0], shape[1], shape[2]), dtype=self.compute, count=count, layout=layout))
+                           shape=(shape[0], shape[1], shape[2]), dtype=self.compute, count=count, layout=layout,
+                           parameter_bytes=parameter))
 
     def linear(self, name: str, tokens: int, d_in: int, d_out: int, bias: bool, fwd_phases: list[tuple[str, int]],
                bwd_count: int, *, input_grad: bool = True, input_cast: bool = True, experts: int = 1) -> None:
@@ -528,7 +546,9 @@ class _Builder:
                 self.mem(f"{name}.cast_weight", phase, w * (self.p + self.c), count)
                 if input_cast:
                     self.mem(f"{name}.cast_input", phase, tokens * d_in * (self.a + self.c), count)
-            self.mm(name, phase, tokens, d_in, d_out, count, groups=experts, layout="nt")  # x W^T
+            # x W^T; outside autocast the forward reads the weight as stored (under it, the cast reads it)
+            stored = d_in * d_out * experts * self.p if phase == "forward" and not self.autocast else 0
+            self.mm(name, phase, tokens, d_in, d_out, count, groups=experts, layout="nt", parameter=stored)
         if not bwd_count:
             return
         if input_grad:
@@ -604,14 +624,21 @@ def _tail_ops(b: _Builder, r: Any, n_params: int, n_tensors: int, *, optimizer: 
     rank's ``1 / shards`` of the parameters (ZeRO and FSDP shard gradients and optimizer state)."""
     if grad_accum > 1:  # later micro-batches add into .grad: read both, write one, in place
         b.mem("grad_accumulate", "backward", 3 * n_params * b.g, grad_accum - 1, in_place=True)
+    full_params = n_params
     n_params = -(-n_params // positive_int("shards", shards))
     if r.name == "16-mixed":  # GradScaler.unscale_: _amp_foreach_non_finite_check_and_unscale_ reads, writes grads
         launches = -(-n_tensors // _FOREACH_TENSORS) if device == "cuda" else n_tensors
         b.mem("grad_scaler.unscale", "optimizer", 2 * n_params * b.g, launches=launches, in_place=True)
     master = dtype_bytes(r.master_dtype) if r.master_dtype else 0
+    state = dtype_bytes(r.optimizer_dtype)
     b.ops.extend(optimizer_ops(n_params, n_tensors, optimizer=optimizer, optimizer_impl=optimizer_impl,
-                               param_bytes=b.p, grad_bytes=b.g, state_bytes=dtype_bytes(r.optimizer_dtype),
+                               param_bytes=b.p, grad_bytes=b.g, state_bytes=state,
                                master_bytes=master, device=device))
+    # Between a forward's read of a weight and the next one, the step touches every parameter, its gradient and
+    # (on this rank) its optimizer state and master copy: the reuse distance of the forward's weight reads.
+    states = {"adam": 2, "adamw": 2, "momentum": 1}.get(optimizer, 0)
+    reuse = full_params * (b.p + b.g) + n_params * (states * state + master)
+    b.ops[:] = [replace(op, reuse_bytes=reuse) if op.parameter_bytes else op for op in b.ops]
 
 
 def transformer_step_ops(

@@ -24,6 +24,10 @@ are read, never a timed training step:
   its op list moves over the median time less its launches at the optimizer phase's host cost per op: the
   bandwidth that optimizer's ops are charged at (``optimizer_bandwidth``), which its multi-operand updates do not
   reach at ``x.mul_``'s;
+- on a CPU, the size of its last-level cache (``machine_info.torchledger.llc_bytes``, read from sysfs), as
+  ``cache_bytes``: the run times its matmuls with their operands cached, and a step whose parameters, gradients
+  and optimizer state outgrow that cache reads each weight from memory in the forward
+  (:func:`~torchledger.formulas.steptime.op_seconds`);
 - on a CPU, the host's cost per op of a model's own step, per phase (``test_model_host_cost``: the profile's
   transformer at batch 1 and one token; each phase's seconds less the device time this calibration predicts for
   that size, over the phase's launches), which :meth:`~torchledger.formulas.steptime.Calibration.for_model` puts in
@@ -221,12 +225,18 @@ def calibration_from_run(run: Run, at: MachineSpeed | None = None) -> Calibratio
         kernel_note += (f"; {len(carried)} results' ceilings carried to the machine speed {to} "
                         f"(matmul probe {reference.matmul_flops_per_s / 1e9:.4g} GFLOP/s, copy probe "
                         f"{reference.copy_bytes_per_s / 1e9:.4g} GB/s, host probe {reference.host_op_s * 1e6:.3g} us)")
+    # a CPU run times its matmuls with their operands cached (the work is called again after the speed probe):
+    # its last-level cache says when a step's weights come from memory instead (op_seconds)
+    llc = info.get("llc_bytes")
+    cache = llc if kind == "cpu" and isinstance(llc, int) and not isinstance(llc, bool) and llc > 0 else None
+    if cache is not None:
+        kernel_note += f"; last-level cache {cache / 2**20:.4g} MiB"
     cal = Calibration(device=gpu_name or str(info.get("cpu_model") or run.machine),
                        matmul={k: tuple(v) for k, v in matmul.items()},
                        bandwidth=sum(bandwidths) / len(bandwidths), launch_s=launch_s, kind=kind,
                        peaks=peaks, host_s=host_s, kernels=tuple(points),
                        update_bandwidth=sum(updates) / len(updates) if updates else None,
-                       speed=reference if carried else None,
+                       speed=reference if carried else None, cache_bytes=cache,
                        source=f"the {run.machine} run of commit {run.commit or 'unknown'}, {run.datetime[:10]}; "
                               f"{launch_note}{kernel_note}")
     if optimizer_runs:
