@@ -85,6 +85,10 @@ CPU18 = _CPU_RUNS / "0018_5bd0eb92bacb21a16f37ae6c7319437b3d8050eb_20261127_2212
 CPU19 = _CPU_RUNS / "0019_b8ec9e79b84d07dd11b2d4812d70a728d65a0f10_20261127_224408.json"
 CPU20 = _CPU_RUNS / "0020_b8ec9e79b84d07dd11b2d4812d70a728d65a0f10_20261127_224624.json"
 CPU21 = _CPU_RUNS / "0021_b8ec9e79b84d07dd11b2d4812d70a728d65a0f10_20261127_224834.json"
+# 0022 on: the CPU's last-level cache recorded (llc_bytes), so the MLP's forward reads its weights from memory.
+CPU22 = _CPU_RUNS / "0022_1502f2b8ced6b55742360915d8d3f6b45cf70cd6_20261127_230457.json"
+CPU23 = _CPU_RUNS / "0023_1502f2b8ced6b55742360915d8d3f6b45cf70cd6_20261127_230715.json"
+CPU24 = _CPU_RUNS / "0024_1502f2b8ced6b55742360915d8d3f6b45cf70cd6_20261127_230928.json"
 # Seeded as test_memory_random.py is: the same examples every run unless TORCHLEDGER_RANDOM_SEED names a seed (or
 # ``random``) or the hypothesis profile is ``nightly``.
 _SEED_ENV = os.environ.get("TORCHLEDGER_RANDOM_SEED", "")
@@ -456,7 +460,7 @@ AT_SPEED_MISSES[("0018", "test_compile_forward[eager]")] = (
 AT_SPEED: list[tuple[str, Path]] = [("0009", CPU9), ("0010", CPU10), ("0011", CPU11), ("0012", CPU12),
                                     ("0013", CPU13), ("0014", CPU14), ("0015", CPU15), ("0016", CPU16),
                                     ("0017", CPU17), ("0018", CPU18), ("0019", CPU19), ("0020", CPU20),
-                                    ("0021", CPU21)]
+                                    ("0021", CPU21), ("0022", CPU22), ("0023", CPU23), ("0024", CPU24)]
 
 
 @pytest.mark.parametrize(("run", "path", "name", "case"), [
@@ -487,6 +491,9 @@ def test_the_runs_from_0019_ran_on_one_thread() -> None:
 
     threads = {run: run_cpu_threads(load_run(path)) for run, path in AT_SPEED}
     assert threads == {run: (1 if run >= "0019" else None) for run, _ in AT_SPEED}
+    # and from run 0022 on, the last-level cache the forward's weight reads are judged against (32 MiB, lscpu)
+    assert {run: read_calibration(path).cache_bytes for run, path in AT_SPEED} == {
+        run: (32 * 2**20 if run >= "0022" else None) for run, _ in AT_SPEED}
 
 
 # ----------------------------------------------------------------------------------------------- calibration, CLI
@@ -1116,11 +1123,11 @@ INTERLEAVED: list[tuple[Path, str, str, str, dict[str, Any], dict[str, Any], str
     # from run 0009 on, with the host's cost per op measured on the transformer itself
     *[(run, "test_checkpointing_interleaved", mode, "none", {"checkpointing": mode}, {}, None)
       for run in (CPU9, CPU10, CPU11, CPU12, CPU13, CPU14, CPU15, CPU16, CPU17, CPU18, CPU19,
-                  CPU20, CPU21)
+                  CPU20, CPU21, CPU22, CPU23, CPU24)
       for mode in ("every-other", "full")],
     *[(run, "test_accumulation_interleaved", "4x", "1x", {"batch": 2, "accum": 4}, {}, None)
       for run in (CPU9, CPU10, CPU11, CPU12, CPU13, CPU14, CPU15, CPU16, CPU17, CPU18, CPU19,
-                  CPU20, CPU21)],
+                  CPU20, CPU21, CPU22, CPU23, CPU24)],
 ]
 
 
@@ -1132,7 +1139,7 @@ SAME_ROUNDS = ["gpt-32-true", "gpt-bf16-mixed", "mlp-32-true", "mlp-bf16-mixed"]
 SAME_ROUND_RUNS = [("0006", CPU6), ("0007", CPU7), ("0008", CPU8), ("0009", CPU9), ("0010", CPU10),
                    ("0011", CPU11), ("0012", CPU12), ("0013", CPU13), ("0014", CPU14), ("0015", CPU15),
                    ("0016", CPU16), ("0017", CPU17), ("0018", CPU18), ("0019", CPU19), ("0020", CPU20),
-                   ("0021", CPU21)]
+                   ("0021", CPU21), ("0022", CPU22), ("0023", CPU23), ("0024", CPU24)]
 SAME_ROUND_MISSES = {
     ("0015", "mlp-bf16-mixed"):
         "-17.0% in the median round: the per-round calibration charges AdamW's update at the bandwidth of x.mul_ "
