@@ -31,14 +31,22 @@ The ceilings come from a :class:`Calibration`, each measured where the run has i
   does not reach the GEMM rate of its FLOPs (unmeasured, it is costed as a matmul of its batched QK^T shape; the
   EPYC's fp32 flash attention ran 62 GFLOP/s where gpt-tiny's GEMMs ran about 190), and kernels that evaluate
   transcendental functions per element take longer than their bytes (GELU's backward, erf and exp: twice);
-- the host's cost per op, per phase (:attr:`Calibration.host_s`), else a documented per-launch figure.
+- the host's cost per op, per phase (:attr:`Calibration.host_s`), else a documented per-launch figure;
+- on a CPU, the size of the last-level cache (:attr:`Calibration.cache_bytes`). A CPU run times its matmuls with
+  their operands cached; a forward matmul whose weight the step has pushed out of the cache since its last read
+  (its parameters, gradients and optimizer state outgrow it) reads the weight from memory on top: the weight's
+  bytes over the bandwidth are added to its compute time. On the EPYC the small profile's MLP touches 101 MB
+  between two reads of a weight, against a 32 MiB L3, and its forward's three matmuls took 0.86 to 1.00 ms longer
+  from memory than cached on one thread, against 0.92 to 0.94 ms for their weights over the copy bandwidth.
 
 A shared CPU does not run at one speed: on the 2-core EPYC a fixed matmul, a copy and a one-element op all ran at
 half speed together for seconds at a time (a 256 x 512 x 512 matmul 200 then 80 GFLOP/s, a 16 MiB copy 95 then
 37 GB/s, an op's host cost 1.0 then 1.9 us), whatever takes the other half of the physical cores. A ceiling
 measured in a fast phase then predicts a step timed in a slow one too fast. Every CPU figure the suite times carries
 the :class:`MachineSpeed` measured by a fixed probe in the same rounds, and :meth:`MachineSpeed.scale` carries a
-ceiling from the speed it was measured at to the speed of the step it predicts.
+ceiling from the speed it was measured at to the speed of the step it predicts. The slow phases are the second
+thread's: a parallel op waits for its slowest thread, and one-thread work was not slowed (the same small copies 1.00
+times as long in the slow rounds, 1.36 on two threads), so the suite's CPU benchmarks run on one thread by default.
 
 Where no run exists, :func:`datasheet_calibration` takes the hardware table's peaks scaled by
 :data:`DATASHEET_EFFICIENCY`.
