@@ -122,7 +122,7 @@ def test_a_weight_read_from_memory_adds_its_bytes_over_the_bandwidth() -> None:
     # a 32 x 2048 x 2048 fp32 forward matmul reading its 16 MiB weight, the step touching 100 MiB between two reads
     weight = 2048 * 2048 * 4
     op = Op("fc", "forward", flops=2 * 32 * 2048 * 2048, bytes=(32 * 2048 * 2 + 2048 * 2048) * 4,
-            shape=(32, 2048, 2048), parameter_bytes=weight, reuse_bytes=100 * 2**20)
+            shape=(32, 2048, 2048), cold_bytes=weight, reuse_bytes=100 * 2**20)
     warm = 2 * 32 * 2048 * 2048 / 1e11
     cal = _cal(matmul={"fp32": (MatmulPoint(32, 2048, 2048, 1e11),)}, bandwidth=25e9)
     # no cache size known (a GPU run, or a run before it was recorded): the warm rate alone
@@ -136,25 +136,31 @@ def test_a_weight_read_from_memory_adds_its_bytes_over_the_bandwidth() -> None:
         replace(cal, cache_bytes=0)
 
 
-def test_the_forward_reads_its_weights_as_stored_outside_autocast() -> None:
+def test_the_step_s_weights_and_weight_gradients_are_touched_a_step_apart() -> None:
     # the MLP 512-2048-2048-512 (6,299,648 parameters with biases) under AdamW: a forward matmul reads its fp32
-    # weight, and between two reads the step touches parameters, gradients and two states, 16 bytes each
+    # weight and a weight-gradient matmul writes the gradient, and between two such touches the step touches the
+    # parameters, gradients and two states, 16 bytes each
     spec = MLPSpec((512, 2048, 2048, 512))
     n = 512 * 2048 + 2048 + 2048 * 2048 + 2048 + 2048 * 512 + 512
     assert spec.n_params == n
     ops = mlp_step_ops(spec, 32, precision="32-true", device="cpu")
-    reads = {op.name: (op.parameter_bytes, op.reuse_bytes) for op in ops if op.parameter_bytes}
-    assert reads == {"linear0": (512 * 2048 * 4, 16 * n), "linear1": (2048 * 2048 * 4, 16 * n),
-                     "linear2": (2048 * 512 * 4, 16 * n)}
+    cold = {op.name: (op.cold_bytes, op.reuse_bytes) for op in ops if op.cold_bytes}
+    weights = {"linear0": 512 * 2048, "linear1": 2048 * 2048, "linear2": 2048 * 512}
+    assert cold == {**{name: (w * 4, 16 * n) for name, w in weights.items()},
+                    **{f"{name}.wgrad": (w * 4, 16 * n) for name, w in weights.items()}}
     # bf16-true: parameters, gradients and AdamW's two states (zeros_like the parameter) of 2 bytes each
     ops = mlp_step_ops(spec, 32, precision="bf16-true", device="cpu")
-    assert {op.name: (op.parameter_bytes, op.reuse_bytes) for op in ops if op.parameter_bytes}["linear1"] == (
-        2048 * 2048 * 2, (2 + 2 + 2 * 2) * n)
-    # under autocast the cast reads the fp32 weight (a memory-bound op at the bandwidth) and the matmul its copy
-    assert not [op for op in mlp_step_ops(spec, 32, precision="bf16-mixed") if op.parameter_bytes]
-    # the recompute and the backward read what the forward just read: only the forward is marked
+    cold = {op.name: (op.cold_bytes, op.reuse_bytes) for op in ops if op.cold_bytes}
+    assert cold["linear1"] == cold["linear1.wgrad"] == (2048 * 2048 * 2, (2 + 2 + 2 * 2) * n)
+    # under autocast the cast reads the fp32 weight (a memory-bound op at the bandwidth) and the matmul its copy;
+    # the weight gradient is written in bf16 (fp32 parameters, gradients and states: 16 bytes between touches)
+    ops = mlp_step_ops(spec, 32, precision="bf16-mixed")
+    assert {op.name: (op.cold_bytes, op.reuse_bytes) for op in ops if op.cold_bytes} == {
+        f"{name}.wgrad": (w * 2, 16 * n) for name, w in weights.items()}
+    # the recompute and the input gradients read what the forward just read
     ops = transformer_step_ops(get_preset("gpt-tiny"), 2, 16, checkpointing="full")
-    assert {op.phase for op in ops if op.parameter_bytes} == {"forward"}
+    marked = {(op.phase, op.name.endswith(".wgrad")) for op in ops if op.cold_bytes}
+    assert marked == {("forward", False), ("backward", True)}
 
 
 def test_matmul_rate_interpolates_in_log_flops() -> None:

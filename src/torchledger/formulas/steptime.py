@@ -33,11 +33,13 @@ The ceilings come from a :class:`Calibration`, each measured where the run has i
   transcendental functions per element take longer than their bytes (GELU's backward, erf and exp: twice);
 - the host's cost per op, per phase (:attr:`Calibration.host_s`), else a documented per-launch figure;
 - on a CPU, the size of the last-level cache (:attr:`Calibration.cache_bytes`). A CPU run times its matmuls with
-  their operands cached; a forward matmul whose weight the step has pushed out of the cache since its last read
-  (its parameters, gradients and optimizer state outgrow it) reads the weight from memory on top: the weight's
-  bytes over the bandwidth are added to its compute time. On the EPYC the small profile's MLP touches 101 MB
-  between two reads of a weight, against a 32 MiB L3, and its forward's three matmuls took 0.86 to 1.00 ms longer
-  from memory than cached on one thread, against 0.92 to 0.94 ms for their weights over the copy bandwidth.
+  their operands cached. When the step's parameters, gradients and optimizer state outgrow that cache, a forward
+  matmul reads its weight from memory, and a weight-gradient matmul writes into lines that are not cached: the
+  tensor's bytes over the bandwidth are added to the matmul's compute time (``cold_bytes``). On the EPYC the
+  small profile's MLP touches 101 MB between two reads of a weight, against a 32 MiB L3. On one thread, its
+  forward's three matmuls took 0.86 to 1.00 ms longer from memory than cached, against 0.92 to 0.94 ms for their
+  weights over the copy bandwidth. Its three weight-gradient matmuls took 1.53 to 1.65 ms longer into cold
+  memory, against 1.05 ms for the gradients' 25 MB at the copy bandwidth's 24 GB/s: a lower bound for the op alone.
 
 A shared CPU does not run at one speed: on the 2-core EPYC a fixed matmul, a copy and a one-element op all ran at
 half speed together for seconds at a time (a 256 x 512 x 512 matmul 200 then 80 GFLOP/s, a 16 MiB copy 95 then
@@ -359,11 +361,12 @@ def datasheet_calibration(dev: DeviceSpec, *, efficiency: float = DATASHEET_EFFI
 class Op:
     """One op of a step (or ``count`` identical ones): its FLOPs, the bytes it reads and writes, its matmul shape
     (m, k, n) where it is a matmul, the dtype it computes in, the kernels it launches, and where it is one of the
-    named :data:`KERNELS`, that name and its ``units``. ``parameter_bytes``: the bytes of a parameter the op reads
-    as stored (a forward matmul outside autocast, whose weight was last touched by the previous step's update);
-    ``reuse_bytes``: what the step touches between two such reads (the parameters, their gradients and the
-    optimizer's state). NB: the reuse distance is that of a step's first micro-batch; between two micro-batches
-    of one step the optimizer's state is not touched."""
+    named :data:`KERNELS`, that name and its ``units``. ``cold_bytes``: the bytes of a tensor the op reads or
+    writes that the step last touched one step before: the weight a forward matmul reads as stored (outside
+    autocast; the previous step's update touched it last), and the gradient a weight-gradient matmul writes (into
+    the blocks the previous step's gradient held, freed by ``zero_grad``); ``reuse_bytes``: what the step touches
+    in between (the parameters, their gradients and the optimizer's state). NB: the reuse distance is that of a
+    step's first micro-batch; between two micro-batches of one step the optimizer's state is not touched."""
 
     name: str
     phase: str
@@ -377,7 +380,7 @@ class Op:
     units: int = 0
     layout: str = "nn"
     in_place: bool = False
-    parameter_bytes: int = 0
+    cold_bytes: int = 0
     reuse_bytes: int = 0
 
 
@@ -386,10 +389,10 @@ def op_seconds(op: Op, cal: Calibration) -> tuple[float, float, float]:
 
     The compute time of a named kernel the calibration measured is its units over the measured rate (for
     attention this replaces the GEMM rate of its FLOPs); else a matmul's FLOPs over the matmul rate of its shape,
-    else none. A matmul that reads a parameter (``parameter_bytes``) after the step has touched more than the
-    machine's last-level cache holds since its last read (``reuse_bytes`` over
-    :attr:`Calibration.cache_bytes`) reads it from memory: the parameter's bytes over the bandwidth are added to
-    its compute time, which the calibration timed with the operands cached. NB: a measured kernel's time includes
+    else none. A matmul whose ``cold_bytes`` the step last touched more than the machine's last-level cache ago
+    (``reuse_bytes`` over :attr:`Calibration.cache_bytes`) moves them from memory: a weight is read from it, and
+    a write into lines not in the cache first reads them (write-allocate). Their bytes over the bandwidth are added
+    to its compute time, which the calibration timed with the operands cached. NB: a measured kernel's time includes
     its own launch, which is charged again as a launch. The bytes
     go at the bandwidth the calibration measured for the op's optimizer (an ``optimizer`` op named
     ``<optimizer>.<impl>[i]``, :attr:`Calibration.optimizer_bandwidth`), else of an update in place for an op that
@@ -401,8 +404,8 @@ def op_seconds(op: Op, cal: Calibration) -> tuple[float, float, float]:
     elif op.flops:
         m, k, n = op.shape if op.shape is not None else (1, 1, max(1, op.flops // 2))
         compute = op.flops / cal.matmul_rate(op.dtype, m, k, n, op.layout)
-    if op.parameter_bytes and cal.cache_bytes is not None and op.reuse_bytes > cal.cache_bytes:
-        compute += op.parameter_bytes / cal.bandwidth
+    if op.cold_bytes and cal.cache_bytes is not None and op.reuse_bytes > cal.cache_bytes:
+        compute += op.cold_bytes / cal.bandwidth
     bandwidth = cal.optimizer_bandwidth.get(op.name.split("[", 1)[0]) if op.phase == "optimizer" else None
     if bandwidth is None:
         bandwidth = cal.update_bandwidth if op.in_place and cal.update_bandwidth else cal.bandwidth
@@ -541,7 +544,7 @@ class _Builder:
         self.ops.append(Op(name, phase, flops=matmul_flops(m, k, n),
                            bytes=(m * k + k * n + m * n + (groups - 1) * (n * (k if split == 0 else m))) * self.c,
                            shape=(shape[0], shape[1], shape[2]), dtype=self.compute, count=count, layout=layout,
-                           parameter_bytes=parameter))
+                           cold_bytes=parameter))
 
     def linear(self, name: str, tokens: int, d_in: int, d_out: int, bias: bool, fwd_phases: list[tuple[str, int]],
                bwd_count: int, *, input_grad: bool = True, input_cast: bool = True, experts: int = 1) -> None:
@@ -563,8 +566,10 @@ class _Builder:
             self.mm(f"{name}.dgrad", "backward", tokens, d_out, d_in, bwd_count, groups=experts)  # dY W
             if self.autocast and input_cast:
                 self.mem(f"{name}.cast_input.backward", "backward", tokens * d_in * (self.c + self.a), bwd_count)
+        # dY^T X, written into memory the previous step's gradient held (zero_grad freed it and the allocator hands
+        # the same blocks back): a write into lines not in the cache first reads them (write-allocate)
         self.mm(f"{name}.wgrad", "backward", d_out, tokens, d_in, bwd_count, groups=experts, split=1,
-                layout="tn")  # dY^T X
+                layout="tn", parameter=d_in * d_out * experts * self.c)
         if bias:
             self.mem(f"{name}.bias_grad", "backward", tokens * d_out * self.c, bwd_count)
         if self.autocast:  # the grad of the cast: back to the parameter's dtype
@@ -646,7 +651,7 @@ def _tail_ops(b: _Builder, r: Any, n_params: int, n_tensors: int, *, optimizer: 
     # (on this rank) its optimizer state and master copy: the reuse distance of the forward's weight reads.
     states = {"adam": 2, "adamw": 2, "momentum": 1}.get(optimizer, 0)
     reuse = full_params * (b.p + b.g) + n_params * (states * state + master)
-    b.ops[:] = [replace(op, reuse_bytes=reuse) if op.parameter_bytes else op for op in b.ops]
+    b.ops[:] = [replace(op, reuse_bytes=reuse) if op.cold_bytes else op for op in b.ops]
 
 
 def transformer_step_ops(
