@@ -26,8 +26,8 @@ are read, never a timed training step:
   reach at ``x.mul_``'s;
 - on a CPU, the size of its last-level cache (``machine_info.torchledger.llc_bytes``, read from sysfs), as
   ``cache_bytes``: the run times its matmuls with their operands cached, and a step whose parameters, gradients
-  and optimizer state outgrow that cache reads each weight from memory in the forward
-  (:func:`~torchledger.formulas.steptime.op_seconds`);
+  and optimizer state outgrow that cache reads each weight from memory in the forward and writes each weight
+  gradient into lines that are not cached (:func:`~torchledger.formulas.steptime.op_seconds`);
 - on a CPU, the host's cost per op of a model's own step, per phase (``test_model_host_cost``: the profile's
   transformer at batch 1 and one token; each phase's seconds less the device time this calibration predicts for
   that size, over the phase's launches), which :meth:`~torchledger.formulas.steptime.Calibration.for_model` puts in
@@ -226,7 +226,7 @@ def calibration_from_run(run: Run, at: MachineSpeed | None = None) -> Calibratio
                         f"(matmul probe {reference.matmul_flops_per_s / 1e9:.4g} GFLOP/s, copy probe "
                         f"{reference.copy_bytes_per_s / 1e9:.4g} GB/s, host probe {reference.host_op_s * 1e6:.3g} us)")
     # a CPU run times its matmuls with their operands cached (the work is called again after the speed probe):
-    # its last-level cache says when a step's weights come from memory instead (op_seconds)
+    # its last-level cache says when a step's weights and weight gradients are not cached instead (op_seconds)
     llc = info.get("llc_bytes")
     cache = llc if kind == "cpu" and isinstance(llc, int) and not isinstance(llc, bool) and llc > 0 else None
     if cache is not None:
