@@ -490,7 +490,7 @@ def test_the_at_speed_misses_name_recorded_steps() -> None:
     assert set(AT_SPEED_MISSES) <= {(run, name) for run, _ in AT_SPEED for name, _ in CPU_STEPS}
 
 
-def test_the_runs_from_0019_ran_on_one_thread() -> None:
+def test_the_later_runs_record_one_thread_and_the_cache() -> None:
     # what the single-thread replays stand on: the runs say so themselves, and the runs before them say nothing
     from torchledger.reporting.calibration import run_cpu_threads
     from torchledger.reporting.results import load_run

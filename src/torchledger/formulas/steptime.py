@@ -533,7 +533,7 @@ class _Builder:
                                units=units, dtype=dtype or self.act, in_place=in_place))
 
     def mm(self, name: str, phase: str, m: int, k: int, n: int, count: int = 1, *, groups: int = 1,
-           split: int = 0, layout: str = "nn", parameter: int = 0) -> None:
+           split: int = 0, layout: str = "nn", cold: int = 0) -> None:
         """An (m, k) x (k, n) matmul in the compute dtype, reading A and B and writing C once; ``groups`` such
         matmuls side by side (a Mixture of Experts' experts) share the rows of dimension ``split`` (0: m, 1: k),
         and each runs at the rate of its own shape."""
@@ -544,7 +544,7 @@ class _Builder:
         self.ops.append(Op(name, phase, flops=matmul_flops(m, k, n),
                            bytes=(m * k + k * n + m * n + (groups - 1) * (n * (k if split == 0 else m))) * self.c,
                            shape=(shape[0], shape[1], shape[2]), dtype=self.compute, count=count, layout=layout,
-                           cold_bytes=parameter))
+                           cold_bytes=cold))
 
     def linear(self, name: str, tokens: int, d_in: int, d_out: int, bias: bool, fwd_phases: list[tuple[str, int]],
                bwd_count: int, *, input_grad: bool = True, input_cast: bool = True, experts: int = 1) -> None:
@@ -559,7 +559,7 @@ class _Builder:
                     self.mem(f"{name}.cast_input", phase, tokens * d_in * (self.a + self.c), count)
             # x W^T; outside autocast the forward reads the weight as stored (under it, the cast reads it)
             stored = d_in * d_out * experts * self.p if phase == "forward" and not self.autocast else 0
-            self.mm(name, phase, tokens, d_in, d_out, count, groups=experts, layout="nt", parameter=stored)
+            self.mm(name, phase, tokens, d_in, d_out, count, groups=experts, layout="nt", cold=stored)
         if not bwd_count:
             return
         if input_grad:
@@ -569,7 +569,7 @@ class _Builder:
         # dY^T X, written into memory the previous step's gradient held (zero_grad freed it and the allocator hands
         # the same blocks back): a write into lines not in the cache first reads them (write-allocate)
         self.mm(f"{name}.wgrad", "backward", d_out, tokens, d_in, bwd_count, groups=experts, split=1,
-                layout="tn", parameter=d_in * d_out * experts * self.c)
+                layout="tn", cold=d_in * d_out * experts * self.c)
         if bias:
             self.mem(f"{name}.bias_grad", "backward", tokens * d_out * self.c, bwd_count)
         if self.autocast:  # the grad of the cast: back to the parameter's dtype

@@ -227,8 +227,7 @@ def calibration_from_run(run: Run, at: MachineSpeed | None = None) -> Calibratio
                         f"{reference.copy_bytes_per_s / 1e9:.4g} GB/s, host probe {reference.host_op_s * 1e6:.3g} us)")
     # a CPU run times its matmuls with their operands cached (the work is called again after the speed probe):
     # its last-level cache says when a step's weights and weight gradients are not cached instead (op_seconds)
-    llc = info.get("llc_bytes")
-    cache = llc if kind == "cpu" and isinstance(llc, int) and not isinstance(llc, bool) and llc > 0 else None
+    cache = _count(info.get("llc_bytes")) if kind == "cpu" else None
     if cache is not None:
         kernel_note += f"; last-level cache {cache / 2**20:.4g} MiB"
     cal = Calibration(device=gpu_name or str(info.get("cpu_model") or run.machine),
@@ -287,11 +286,15 @@ def _model_host_s(cal: Calibration, key: tuple[str, str], floor: tuple[int, int,
     return out
 
 
+def _count(value: object) -> int | None:
+    """``value`` where it is a whole number > 0 as a run records one (not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def run_cpu_threads(run: Run) -> int | None:
     """The CPU threads a run's benchmarks ran with (``machine_info.torchledger.cpu_threads``, set by
     ``--ledger-threads``); None for torch's default, as every run from before the option ran."""
-    threads = (run.machine_info.get("torchledger") or {}).get("cpu_threads")
-    return threads if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0 else None
+    return _count((run.machine_info.get("torchledger") or {}).get("cpu_threads"))
 
 
 def read_calibration(path: str | Path, at: MachineSpeed | None = None, *,
