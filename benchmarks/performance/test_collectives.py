@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +13,8 @@ import torch
 import torch.multiprocessing as mp
 
 from benchmarks.performance.conftest import Ledger
-from benchmarks.verification.dist_worker import collective_sweep
+from benchmarks.verification.dist_worker import collective_sweep, rendezvous
 from torchledger.formulas.distributed import bus_bandwidth
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.benchmark(group="collectives")
@@ -34,7 +27,8 @@ def test_all_reduce_sweep(ledger: Ledger, ledger_size: str, backend: str, tmp_pa
     sizes = [2**k for k in range(10, top.bit_length(), 2)]
 
     def sweep() -> None:
-        mp.start_processes(collective_sweep, args=(world, _port(), backend, sizes, str(tmp_path)), nprocs=world,
+        mp.start_processes(collective_sweep, args=(world, rendezvous(tmp_path), backend, sizes, str(tmp_path)),
+                           nprocs=world,
                            start_method="spawn", join=True)
 
     ledger.time(sweep, rounds=1, warmup=0, events=False, work={"bytes": sizes[-1], "sizes": len(sizes)},
@@ -67,17 +61,13 @@ def test_data_parallel_step_vs_world_size(ledger: Ledger, sizes: dict[str, Any],
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if not ledger.cuda else dict(os.environ)
 
     def launch() -> None:
-        # a free port per launch (parallel test workers start launchers too); one retry if another process took it
-        # between the check and the bind
-        for _attempt in range(2):
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={world}",
-                   "--master-addr=127.0.0.1", f"--master-port={_port()}", str(script), "--sharding", sharding,
-                   "--preset", sizes["gpt"], "--batch", str(sizes["gpt_batch"]), "--seq-len", str(sizes["gpt_seq"]),
-                   "--out", str(out)]
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-            if done.returncode == 0:
-                return
-        raise RuntimeError(f"torchrun failed twice ({done.returncode}):\n{done.stderr[-3000:]}")
+        # --standalone: the launcher binds a free port itself (parallel test workers start launchers too)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+               str(script), "--sharding", sharding, "--preset", sizes["gpt"], "--batch", str(sizes["gpt_batch"]),
+               "--seq-len", str(sizes["gpt_seq"]), "--out", str(out)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"torchrun failed ({done.returncode}):\n{done.stderr[-3000:]}")
 
     ledger.time(launch, rounds=1, warmup=0, events=False, work={
         "model": sizes["gpt"], "batch": sizes["gpt_batch"], "seq_len": sizes["gpt_seq"], "world_size": world},

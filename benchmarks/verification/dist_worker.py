@@ -7,7 +7,6 @@ No ``from __future__ import annotations`` here: DDP checks the communication hoo
 
 import datetime
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +55,21 @@ def _state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> di
     return {"params": params, "grads": grads, "optimizer": opt}
 
 
-def run_rank(rank: int, world: int, port: int, kind: str, workload: str, out: str,
+def rendezvous(folder: str | Path) -> str:
+    """The ranks meet in a file under ``folder`` (a test's own temporary folder), not at a TCP port: a port found
+    free and bound only once the ranks have started can be taken meanwhile by another test worker's ranks. A new
+    file each launch: one a finished launch left behind would hold its ranks' keys."""
+    import uuid
+
+    return "file://" + str(Path(folder).resolve() / f"rendezvous-{uuid.uuid4().hex}")
+
+
+def run_rank(rank: int, world: int, init_method: str, kind: str, workload: str, out: str,
              checkpointing: str = "none", shard_group_size: int = 0) -> None:
     """``kind``: ``ddp``, ``fsdp`` (FULL_SHARD), ``fsdp-grad-op`` (SHARD_GRAD_OP) or ``hsdp`` (a 2-D mesh of
     ``world // shard_group_size`` replicas of ``shard_group_size`` shards)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
     try:
         case = MemoryCase(workload, 8, TrainConfig(optimizer="adamw", optimizer_impl="foreach",
                                                    checkpointing=checkpointing),
@@ -110,24 +118,24 @@ def run_rank(rank: int, world: int, port: int, kind: str, workload: str, out: st
         dist.destroy_process_group()
 
 
-def die_on_rank_one(rank: int, world: int, port: int) -> None:
+def die_on_rank_one(rank: int, world: int, init_method: str) -> None:
     """Rank 1 fails after joining the group; rank 0 is busy elsewhere (not in a collective, whose own failure could
     otherwise be reported first) and must be ended by the launcher, not waited for."""
     import time
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
     if rank == 1:
         raise RuntimeError("rank 1 fails on purpose")
-    time.sleep(120)
+    time.sleep(600)
 
 
-def collective_sweep(rank: int, world: int, port: int, backend: str, sizes: list[int], out: str) -> None:
+def collective_sweep(rank: int, world: int, init_method: str, backend: str, sizes: list[int], out: str) -> None:
     """Time all-reduce over ``sizes`` (bytes, fp32 tensors): median of 5 after 2 warm-ups; rank 0 writes the result."""
     import time
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if backend == "nccl":
         torch.cuda.set_device(device)

@@ -4,13 +4,12 @@ real gloo ranks running PyTorch's own DDP and FSDP2 (``fully_shard``)."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
 
-from benchmarks.verification.dist_worker import run_rank
+from benchmarks.verification.dist_worker import rendezvous, run_rank
 from torchledger.cli import main
 from torchledger.formulas import distributed as D
 from torchledger.formulas.activations import activation_bytes, mlp_activation_bytes
@@ -91,14 +90,8 @@ def test_estimate_per_rank(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["estimate", "--model", "gpt2-small", "--world-size", "2", "--sharding", "zero9"]) == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _run_two_ranks(kind: str, workload: str, out: Path) -> list[dict[str, object]]:
-    mp.start_processes(run_rank, args=(2, _free_port(), kind, workload, str(out)), nprocs=2, start_method="spawn",
+    mp.start_processes(run_rank, args=(2, rendezvous(out), kind, workload, str(out)), nprocs=2, start_method="spawn",
                        join=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -164,8 +157,8 @@ def test_fsdp2_two_gloo_ranks(tmp_path: Path, workload: str) -> None:
         assert 0.98 * low <= peak <= 1.02 * high, (phases, peak)
 
 
-def test_a_dying_rank_is_named_not_a_hang() -> None:
-    # the launcher ends the run when rank 1 fails (rank 0, busy for another two minutes, is terminated, not waited
+def test_a_dying_rank_is_named_not_a_hang(tmp_path: Path) -> None:
+    # the launcher ends the run when rank 1 fails (rank 0, busy for another ten minutes, is terminated, not waited
     # for) and its error names the rank
     import time
 
@@ -173,14 +166,15 @@ def test_a_dying_rank_is_named_not_a_hang() -> None:
 
     start = time.monotonic()
     with pytest.raises(mp.ProcessRaisedException, match="Process 1 terminated") as failure:
-        mp.start_processes(die_on_rank_one, args=(2, _free_port()), nprocs=2, start_method="spawn", join=True)
+        mp.start_processes(die_on_rank_one, args=(2, rendezvous(tmp_path)), nprocs=2, start_method="spawn",
+                           join=True)
     assert failure.value.error_index == 1
-    assert time.monotonic() - start < 60
+    assert time.monotonic() - start < 300  # two interpreters starting torch on a loaded machine: well under that
 
 
 def _run_ranks(kind: str, workload: str, out: Path, world: int, checkpointing: str,
                group: int = 0) -> list[dict[str, object]]:
-    mp.start_processes(run_rank, args=(world, _free_port(), kind, workload, str(out), checkpointing, group),
+    mp.start_processes(run_rank, args=(world, rendezvous(out), kind, workload, str(out), checkpointing, group),
                        nprocs=world, start_method="spawn", join=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
@@ -222,7 +216,7 @@ def test_collectives_script_under_torchrun(tmp_path: Path) -> None:
     out = tmp_path / "collectives.json"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                     str(script), "--min-bytes", "4096", "--max-bytes", "65536", "--iters", "2", "--out", str(out)],
-                   check=True, timeout=120, capture_output=True)
+                   check=True, timeout=600, capture_output=True)
     record = json.loads(out.read_text())
     assert record["world_size"] == 2 and record["backend"] == "gloo"
     names = {r["collective"] for r in record["results"]}
