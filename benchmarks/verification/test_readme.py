@@ -152,7 +152,7 @@ def test_the_cli_runs_from_a_bare_checkout(capsys: pytest.CaptureFixture[str]) -
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=120, check=False)
+                              timeout=600, check=False)
 
     found = run("-c", "import torchledger; print(torchledger.__file__)")
     assert Path(found.stdout.strip()).resolve() == ROOT / "src" / "torchledger" / "__init__.py", found.stderr
