@@ -49,3 +49,32 @@ def test_test_extra_holds_what_ci_imports() -> None:
     tools = {c.split()[0] for c in _ci_commands() if c.split()[0] in {"ruff", "mypy", "zizmor"}}
     assert tools <= names, tools - names
     assert {"pytest", "pytest-benchmark", "pytest-xdist", "hypothesis"} <= names
+
+
+def _requirement_names(block: str) -> set[str]:
+    return {re.split(r"[<>=\[ ;]", r.strip().strip('"'))[0].lower().replace("_", "-")
+            for r in re.findall(r'"[^"]+"', block)}
+
+
+def test_constraints_pin_everything_the_setup_installs() -> None:
+    # the set-up's second install takes constraints.txt, and that file pins (==) every package the project and its
+    # test extra require, torch excepted (the first command pins it, CUDA builds included), each for Python >= 3.11
+    blocks = _bash_blocks((ROOT / "README.md").read_text())
+    setup = next(b for b in blocks if any(c.startswith("pip install torch") for c in b))
+    assert any(c.startswith("pip install -e") and c.endswith("-c constraints.txt") for c in setup), setup
+    pins: dict[str, str] = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        requirement, marker = line.split(";")
+        name, version = requirement.split("==")
+        assert re.fullmatch(r"[0-9][0-9A-Za-z.+]*", version.strip()), line
+        assert marker.strip() == 'python_version >= "3.11"', line
+        pins[name.strip().lower().replace("_", "-")] = version.strip()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    dependencies = re.search(r"^dependencies = \[(.*?)\]", pyproject, flags=re.S | re.M)
+    extra = re.search(r"^test = \[(.*?)\]", pyproject, flags=re.S | re.M)
+    assert dependencies is not None and extra is not None
+    required = (_requirement_names(dependencies.group(1)) | _requirement_names(extra.group(1))) - {"torch"}
+    assert "torch" not in pins
+    assert required <= set(pins), f"not pinned (run scripts/renew-constraints.sh): {sorted(required - set(pins))}"
