@@ -74,7 +74,8 @@ def add_model_source(parser: argparse.ArgumentParser) -> None:
     """``--model`` or ``--hf-config``, one of them required (what :func:`resolve_spec` reads)."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", metavar="PRESET", help=f"a preset: {', '.join(PRESETS)}")
-    source.add_argument("--hf-config", metavar="PATH", help="a Hugging Face config.json (GPT-2, LLaMA, Mistral, Mixtral)")
+    source.add_argument("--hf-config", metavar="PATH",
+                        help="a Hugging Face config.json (GPT-2, LLaMA, Mistral, Mixtral)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
