@@ -46,8 +46,9 @@ def test_iterations_for(estimate: float, min_round: float, cap: int, expected: i
 
 
 @settings(derandomize=True, database=None, deadline=None)
-@given(st.floats(1e-7, 10.0), st.floats(0.0, 1.0), st.integers(1, 10_000))
+@given(st.floats(0.0, 10.0).filter(lambda e: e > 0), st.floats(0.0, 1.0), st.integers(1, 10_000))
 @example(1e-7, 3e-6, 10_000)  # 3e-6 / 1e-7 rounds to 30.000000000000004: 30 calls fill the round, not 31
+@example(5e-324, 1.0, 10_000)  # the quotient overflows to inf: the cap
 def test_iterations_for_is_the_fewest_calls_that_fill_a_round(estimate: float, min_round: float, cap: int) -> None:
     k = iterations_for(estimate, min_round, cap)
     assert 1 <= k <= cap

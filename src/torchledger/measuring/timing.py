@@ -44,7 +44,10 @@ def iterations_for(first_estimate_s: float, min_round_s: float, max_iterations: 
         raise ValueError(f"max_iterations must be an integer >= 1, got {max_iterations!r}")
     if first_estimate_s == 0:
         return max_iterations if min_round_s > 0 else 1
-    calls = math.ceil(min_round_s / first_estimate_s)
+    quotient = min_round_s / first_estimate_s  # inf for a subnormal estimate
+    if quotient >= max_iterations:
+        return max_iterations
+    calls = math.ceil(quotient)
     # the quotient is rounded: 3e-6 / 1e-7 is 30.000000000000004, whose ceiling (31) is one call more than fills
     # the round; the products decide
     while calls > 1 and (calls - 1) * first_estimate_s >= min_round_s:
