@@ -28,8 +28,7 @@ def test_all_reduce_sweep(ledger: Ledger, ledger_size: str, backend: str, tmp_pa
 
     def sweep() -> None:
         mp.start_processes(collective_sweep, args=(world, rendezvous(tmp_path), backend, sizes, str(tmp_path)),
-                           nprocs=world,
-                           start_method="spawn", join=True)
+                           nprocs=world, start_method="spawn", join=True)
 
     ledger.time(sweep, rounds=1, warmup=0, events=False, work={"bytes": sizes[-1], "sizes": len(sizes)},
                 backend=backend, world_size=world)

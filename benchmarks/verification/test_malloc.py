@@ -26,8 +26,9 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 # to twice that (malloc.c, free); then each round mallocs three 15 MiB blocks (below 16 MiB: from the heap), writes
 # them and frees them. Their 45 MiB at the top of the heap exceed the 32 MiB trim threshold, go back to the OS, and
 # fault again in the next round. With the thresholds fixed, 45 MiB lie below the 64 MiB trim threshold and stay. The
-# process imports nothing but ctypes before, so nothing else has moved the dynamic thresholds; the fixed mode imports
-# torch first (through torchledger), which cannot matter once mallopt has set them.
+# process imports only ctypes, json, resource and sys first, which free no block that large, so nothing else has moved
+# the dynamic thresholds; the fixed mode imports torch first (through torchledger), which cannot matter once mallopt
+# has set them.
 MECHANISM = """
 import ctypes, json, resource, sys
 ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages, whatever the machine's huge page policy
@@ -111,5 +112,5 @@ def test_the_fixed_values_are_glibc_s_largest_dynamic_ones() -> None:
     assert FIXED_MALLOC == {"mmap_threshold": 4 * 2**20 * 8, "trim_threshold": 2 * 4 * 2**20 * 8}
     # in a process of its own: here it would fix them for the rest of a session run with --ledger-malloc default
     applied = _run("from torchledger.measuring.machine import fix_malloc_thresholds as f; import json; "
-                      "print(json.dumps(f()))")
+                   "print(json.dumps(f()))")
     assert applied == (FIXED_MALLOC if GLIBC else None)
