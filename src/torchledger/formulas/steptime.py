@@ -69,7 +69,7 @@ from typing import Any
 from ._validate import non_negative_int, one_of, positive_int, positive_number
 from .flops import attention_backward_flops, attention_flops, matmul_flops
 from .hardware import DeviceSpec, peak_dtype
-from .memory import dtype_bytes, get_recipe
+from .memory import OPTIMIZER_STATES, dtype_bytes, get_recipe
 from .specs import MLPSpec, ModelSpec, check_seq_len, param_counts
 from .vocabulary import OPTIMIZER_IMPLS, OPTIMIZERS, STEP_CHECKPOINTING, checkpointed_blocks
 
@@ -649,8 +649,7 @@ def _tail_ops(b: _Builder, r: Any, n_params: int, n_tensors: int, *, optimizer: 
                                master_bytes=master, device=device))
     # Between a forward's read of a weight and the next one, the step touches every parameter, its gradient and
     # (on this rank) its optimizer state and master copy: the reuse distance of the forward's weight reads.
-    states = {"adam": 2, "adamw": 2, "momentum": 1}.get(optimizer, 0)
-    reuse = full_params * (b.p + b.g) + n_params * (states * state + master)
+    reuse = full_params * (b.p + b.g) + n_params * (OPTIMIZER_STATES[optimizer] * state + master)
     b.ops[:] = [replace(op, reuse_bytes=reuse) if op.cold_bytes else op for op in b.ops]
 
 

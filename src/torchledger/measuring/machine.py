@@ -87,6 +87,7 @@ def last_level_cache_bytes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache
     """The size of the CPU's last-level data cache (the highest ``level`` of the data or unified caches of
     CPU 0 in sysfs), in bytes; None where sysfs does not say (not Linux, or no cache entries). Read from sysfs
     because py-cpuinfo, which pytest-benchmark records, reports this machine's 32 MiB L3 as 1 MiB."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
     best: tuple[int, int] | None = None
     for entry in sorted(root.glob("index*")):
         try:
@@ -95,7 +96,6 @@ def last_level_cache_bytes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache
             size = (entry / "size").read_text().strip()
         except (OSError, ValueError):
             continue
-        units = {"K": 2**10, "M": 2**20, "G": 2**30}
         number, unit = (size[:-1], units[size[-1]]) if size[-1:] in units else (size, 1)
         if kind == "Instruction" or not number.isdigit():
             continue
